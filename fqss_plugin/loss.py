@@ -1,0 +1,107 @@
+"""The FQSS training objective: task loss plus sample-weighted distillation from the float model.
+
+Speech (``task="sisdr"``), with linear-domain SI-SDR ``S(a, r) = ||αr||² / ||a - αr||²`` (zero mean,
+``α = <a, r>/||r||²``), permutation-solved with Asteroid's ``PITLossWrapper.find_best_perm``::
+
+    T_b = max_π mean_n S(ŝ_q[π(n)], s[n])           (student vs ground truth)
+    K_b = max_π mean_n S(ŝ_q[π(n)], ŝ_f[n])         (student vs float teacher)
+    L   = -10 log10((1-λ) mean_b T_b + λ mean_b w_b K_b)
+
+Music (``task="l1"``, fixed stem order): ``L = (1-λ) mean_b L1(ŝ_q, s) + λ mean_b w_b L1(ŝ_q, ŝ_f)``.
+
+Sample weights (no gradient): ``w_b = 10^((D_f,b - D_q,b)/10)`` where ``D`` is the PIT SI-SDR (speech)
+or the MDX nSDR (music) in dB of the teacher (``f``) and the student (``q``) against the ground
+truth. ``w_b > 1`` exactly where the quantized model is *worse* than the float one: the
+quantization-sensitive samples weigh more. Weights are clipped to ``weight_range`` and normalised
+to mean 1 over the batch, so any batch size works. ``lambda_kd=0`` is vanilla QAT (no teacher).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
+from torch import nn
+
+EPS = 1e-8
+
+
+def pit_sisdr_db(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-example permutation-invariant SI-SDR in dB, ``[B, n_src, T] -> [B]``."""
+    best, _ = PITLossWrapper.find_best_perm(pairwise_neg_sisdr(estimate, reference))
+    return -best
+
+
+def pit_sisdr_linear(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-example ``max_π mean_n`` linear SI-SDR, ``[B, n_src, T] -> [B]``."""
+    linear = torch.pow(10.0, -pairwise_neg_sisdr(estimate, reference) / 10.0)
+    best, _ = PITLossWrapper.find_best_perm(-linear)
+    return -best
+
+
+def nsdr_db(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """MDX nSDR ``10 log10(Σ s² / Σ (s - ŝ)²)`` per example over all sources, channels and samples."""
+    dims = tuple(range(1, reference.dim()))
+    num = reference.pow(2).sum(dims) + EPS
+    den = (reference - estimate).pow(2).sum(dims) + EPS
+    return 10 * torch.log10(num / den)
+
+
+def l1_per_example(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    return (estimate - reference).abs().flatten(1).mean(1)
+
+
+class FQSSLoss(nn.Module):
+    """FQSS loss (see module docstring). Call as ``loss(estimate, target, teacher_estimate)``.
+
+    Args:
+        lambda_kd: weight λ of the distillation term; 0 gives vanilla QAT and needs no teacher.
+        task: ``"sisdr"`` (speech, permutation invariant) or ``"l1"`` (music, fixed order).
+        weight_range: clip range of the sample weights before normalisation to mean 1.
+    """
+
+    def __init__(self, lambda_kd: float = 0.1, task: Literal["sisdr", "l1"] = "sisdr",
+                 weight_range: tuple[float, float] = (0.1, 10.0)) -> None:
+        super().__init__()
+        if not 0.0 <= lambda_kd <= 1.0:
+            raise ValueError(f"FQSSLoss: lambda_kd must be in [0, 1], got {lambda_kd}")
+        if task not in ("sisdr", "l1"):
+            raise ValueError(f"FQSSLoss: task must be 'sisdr' or 'l1', got {task!r}")
+        if not 0 < weight_range[0] <= 1.0 <= weight_range[1]:
+            raise ValueError(f"FQSSLoss: weight_range must satisfy 0 < low <= 1 <= high, got {weight_range}")
+        self.lambda_kd = lambda_kd
+        self.task = task
+        self.weight_range = weight_range
+
+    @torch.no_grad()
+    def sample_weights(self, estimate: torch.Tensor, target: torch.Tensor,
+                       teacher_estimate: torch.Tensor) -> torch.Tensor:
+        """``w_b = 10^((D_teacher,b - D_student,b)/10)``, clipped, normalised to mean 1."""
+        quality = pit_sisdr_db if self.task == "sisdr" else nsdr_db
+        gap_db = quality(teacher_estimate, target) - quality(estimate, target)
+        weights = torch.pow(10.0, gap_db / 10.0).clamp(*self.weight_range)
+        return weights / weights.mean()
+
+    def forward(self, estimate: torch.Tensor, target: torch.Tensor,
+                teacher_estimate: torch.Tensor | None = None) -> torch.Tensor:
+        if estimate.shape != target.shape:
+            raise ValueError(f"FQSSLoss: estimate shape {tuple(estimate.shape)} != target shape {tuple(target.shape)}")
+        distill = self.lambda_kd > 0
+        if distill and teacher_estimate is None:
+            raise ValueError("FQSSLoss: lambda_kd > 0 needs teacher_estimate (the float model's output)")
+        if distill and teacher_estimate.shape != estimate.shape:
+            raise ValueError(f"FQSSLoss: teacher_estimate shape {tuple(teacher_estimate.shape)} != "
+                             f"estimate shape {tuple(estimate.shape)}")
+        teacher_estimate = teacher_estimate.detach() if distill else None
+        lam = self.lambda_kd
+        if self.task == "sisdr":
+            value = (1 - lam) * pit_sisdr_linear(estimate, target).mean()
+            if distill:
+                weights = self.sample_weights(estimate, target, teacher_estimate)
+                value = value + lam * (weights * pit_sisdr_linear(estimate, teacher_estimate)).mean()
+            return -10 * torch.log10(value + EPS)
+        loss = (1 - lam) * l1_per_example(estimate, target).mean()
+        if distill:
+            weights = self.sample_weights(estimate, target, teacher_estimate)
+            loss = loss + lam * (weights * l1_per_example(estimate, teacher_estimate)).mean()
+        return loss

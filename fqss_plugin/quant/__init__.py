@@ -1,0 +1,15 @@
+"""The toolkit-agnostic quantization core: quantizers, wrappers, signal splitter/combiner, prepare."""
+from .calibration import attach_calibration, calibration_step, is_calibrating
+from .config import QuantConfig
+from .coverage import CoverageReport, coverage_report
+from .layers import Add, Concat, Mul, QAdd, QConcat, QMul, QuantizedLayer, QuantizedModule
+from .prepare import freeze, prepare
+from .quantizers import ActivationQuantizer, WeightQuantizer
+from .registry import register
+from .signal_io import InputSplitter, OutputCombiner
+
+__all__ = [
+    "ActivationQuantizer", "Add", "Concat", "Mul", "CoverageReport", "InputSplitter", "OutputCombiner", "QAdd", "QConcat", "QMul",
+    "QuantConfig", "QuantizedLayer", "QuantizedModule", "WeightQuantizer", "attach_calibration",
+    "calibration_step", "coverage_report", "freeze", "is_calibrating", "prepare", "register",
+]

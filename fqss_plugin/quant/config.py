@@ -1,0 +1,68 @@
+"""What to quantize and how: one small dataclass shared by every toolkit adapter."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class QuantConfig:
+    """Quantization settings for :func:`fqss_plugin.prepare`.
+
+    Attributes:
+        weight_bits: bits of every weight (symmetric, per output channel).
+        act_bits: bits of every activation (asymmetric, per tensor).
+        in_splits: number of ``act_bits`` signals the network input is split into
+            (MSB + residuals, :class:`~fqss_plugin.quant.signal_io.InputSplitter`); 1 means a single
+            learned input quantizer (vanilla QAT).
+        out_splits: number of ``act_bits`` outputs the network output is recombined from
+            (:class:`~fqss_plugin.quant.signal_io.OutputCombiner`); 1 means a single output quantizer.
+        normalize_input: divide each example by its peak before splitting and multiply the output
+            back (only used with ``in_splits > 1``).
+        calib_steps: optimizer steps during which activation ranges are calibrated from data
+            before they are learned.
+        calib_method: ``"ema"`` (running min/max) or ``"mse"`` (MSE-optimal clipping per batch).
+        ema_momentum: weight of the past in the running min/max.
+        learn_ranges: train steps and zero points after calibration (LSQ+); False keeps them fixed.
+        exclude: names of modules (as in ``named_modules``) to leave in float.
+    """
+
+    weight_bits: int = 8
+    act_bits: int = 8
+    in_splits: int = 2
+    out_splits: int = 2
+    normalize_input: bool = True
+    calib_steps: int = 100
+    calib_method: str = "ema"
+    ema_momentum: float = 0.9
+    learn_ranges: bool = True
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        for name in ("weight_bits", "act_bits"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 2 <= value <= 16:
+                raise ValueError(f"QuantConfig.{name} must be an integer in 2..16, got {value!r}")
+        for name in ("in_splits", "out_splits"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= 4:
+                raise ValueError(f"QuantConfig.{name} must be an integer in 1..4, got {value!r}")
+        if not isinstance(self.calib_steps, int) or self.calib_steps < 0:
+            raise ValueError(f"QuantConfig.calib_steps must be a non-negative integer, got {self.calib_steps!r}")
+        if self.calib_method not in ("ema", "mse"):
+            raise ValueError(f"QuantConfig.calib_method must be 'ema' or 'mse', got {self.calib_method!r}")
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ValueError(f"QuantConfig.ema_momentum must be in [0, 1), got {self.ema_momentum!r}")
+        self.exclude = tuple(self.exclude)
+
+    @classmethod
+    def fqss(cls, **overrides) -> QuantConfig:
+        """The FQSS method: W8A8, input split into 2 x 8-bit signals, output from 2 x 8-bit outputs."""
+        return cls(**{"in_splits": 2, "out_splits": 2, **overrides})
+
+    @classmethod
+    def vanilla(cls, **overrides) -> QuantConfig:
+        """Vanilla QAT baseline: W8A8 with a single 8-bit input and output quantizer."""
+        return cls(**{"in_splits": 1, "out_splits": 1, "normalize_input": False, **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)

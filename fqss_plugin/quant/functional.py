@@ -1,0 +1,95 @@
+"""Fake-quantization with learnable step sizes (LSQ / LSQ+).
+
+Both functions run the *same* forward kernel that a frozen model and the ONNX export use
+(``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine``), so a
+trained model and its frozen copy are bit-identical. Only the backward pass is ours.
+
+Notation: step size ``s > 0``, integer zero point ``z``, integer range ``[q_min, q_max]``,
+``u = x / s`` and ``r = round(u)`` (round half to even, as the kernels do)::
+
+    q = clamp(r + z, q_min, q_max)          y = (q - z) * s
+
+Gradients (straight-through estimator for ``round``, LSQ+ for the range)::
+
+    dy/dx = 1 inside the range, 0 where clipped
+    dy/ds = r - u inside,  (q_min - z) below,  (q_max - z) above
+    dy/dz = 0 inside,      -s where clipped   (z is a float parameter rounded in the forward pass)
+
+The range gradients are multiplied by ``grad_factor`` (LSQ uses 1 / sqrt(numel * q_max)).
+"""
+from __future__ import annotations
+
+import torch
+
+MIN_SCALE = 1e-8
+"""Smallest step size; a silent (all-zero) tensor calibrates to it instead of dividing by zero."""
+
+
+def _range_gradients(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                     q_min: int, q_max: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return (dL/dx, dL/ds, dL/dz) element-wise, before any reduction to the parameter shape."""
+    u = x * (1.0 / scale)
+    r = torch.round(u)
+    q = r + zero_point
+    below = q < q_min
+    above = q > q_max
+    inside = ~(below | above)
+    grad_x = grad * inside
+    ds = torch.where(inside, r - u, torch.where(below, q_min - zero_point, q_max - zero_point))
+    dz = torch.where(inside, torch.zeros_like(u), -scale.expand_as(u))
+    return grad_x, grad * ds, grad * dz
+
+
+class _PerTensorFakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, q_min, q_max, grad_factor):
+        z = torch.clamp(torch.round(zero_point), q_min, q_max)
+        ctx.save_for_backward(x, scale, z)
+        ctx.q_range = (q_min, q_max, grad_factor)
+        return torch.fake_quantize_per_tensor_affine(x, scale.float(), z.to(torch.int32), q_min, q_max)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, z = ctx.saved_tensors
+        q_min, q_max, grad_factor = ctx.q_range
+        grad_x, grad_s, grad_z = _range_gradients(grad, x, scale, z, q_min, q_max)
+        return (grad_x, grad_s.sum().reshape(scale.shape) * grad_factor,
+                grad_z.sum().reshape(z.shape) * grad_factor, None, None, None)
+
+
+class _PerChannelFakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, scale, axis, q_min, q_max, grad_factor):
+        ctx.save_for_backward(w, scale)
+        ctx.params = (axis, q_min, q_max, grad_factor)
+        zeros = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+        return torch.fake_quantize_per_channel_affine(w, scale.float(), zeros, axis, q_min, q_max)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, scale = ctx.saved_tensors
+        axis, q_min, q_max, grad_factor = ctx.params
+        shape = [1] * w.dim()
+        shape[axis] = -1
+        s = scale.reshape(shape)
+        grad_w, grad_s, _ = _range_gradients(grad, w, s, torch.zeros_like(s), q_min, q_max)
+        other_dims = [d for d in range(w.dim()) if d != axis]
+        grad_s = grad_s.sum(dim=other_dims) if other_dims else grad_s
+        return grad_w, grad_s * grad_factor, None, None, None, None
+
+
+def fake_quantize_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                             q_min: int, q_max: int, grad_factor: float = 1.0) -> torch.Tensor:
+    """Affine fake-quantization of ``x`` with a scalar learnable ``scale`` and float ``zero_point``."""
+    return _PerTensorFakeQuantize.apply(x, scale, zero_point, q_min, q_max, grad_factor)
+
+
+def fake_quantize_per_channel(w: torch.Tensor, scale: torch.Tensor, axis: int,
+                              q_min: int, q_max: int, grad_factor: float = 1.0) -> torch.Tensor:
+    """Symmetric (zero point 0) per-channel fake-quantization of ``w`` along ``axis``."""
+    return _PerChannelFakeQuantize.apply(w, scale, axis, q_min, q_max, grad_factor)
+
+
+def lsq_grad_factor(numel: int, q_max: int) -> float:
+    """LSQ's step-size gradient scale 1 / sqrt(numel * q_max), keeping range updates O(1)."""
+    return 1.0 / (max(numel, 1) * q_max) ** 0.5

@@ -1,0 +1,175 @@
+"""High-precision input and output signals from several 8-bit ones (the FQSS signal path).
+
+With ``b`` bits, ``Δ = 2^-(b-1)`` (the step of a signed b-bit grid on [-1, 1)) and ``ρ = Δ/2``:
+
+* **Split** (:func:`split_signal`): a signal ``x ∈ [-(1-Δ), 1-Δ]`` becomes ``n`` signals on that grid,
+  ``s_0 = Δ·round(x/Δ)`` and, for the residual ``r_i = x - Σ_{j<i} ρ^j s_j ∈ [-ρ^i Δ/2, ρ^i Δ/2]``,
+  ``s_i = Δ·clip(round(r_i / (ρ^i Δ)), -2^(b-1), 2^(b-1)-1)``. Hence ``x ≈ Σ_i ρ^i s_i`` with error
+  at most ``ρ^(n-1)·Δ/2`` (1.5e-5 for two 8-bit signals): each residual is stretched by ``1/ρ`` to
+  use the full grid. Rounding (not the published floor) leaves no constant offset.
+* **Combine** (:func:`combine_signals`): ``y = Σ_i ρ^i y_i``.
+
+:class:`InputSplitter` normalises each example by its own peak ``θ`` (so batching and chunking
+do not change the result), splits it and feeds every split to the first layer, whose input is
+thereby widened ``n``-fold. Split ``i`` has its own kernel, initialised to ``ρ^i`` times the float
+kernel so that the widened layer reproduces the float layer at step 0. :class:`OutputCombiner`
+emits ``n`` b-bit outputs of the last layer and multiplies the recombined output back by ``θ``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .quantizers import WeightQuantizer
+
+
+def grid_step(bits: int) -> float:
+    """Δ = 2^-(b-1): the step of a signed ``bits`` grid covering [-1, 1)."""
+    return 2.0 ** -(bits - 1)
+
+
+def residual_gain(bits: int) -> float:
+    """ρ = Δ/2 = 2^-b: the weight of each further split relative to the previous one."""
+    return grid_step(bits) / 2
+
+
+def _signed_grid(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """``Δ·clip(round(x/Δ), -2^(b-1), 2^(b-1)-1)`` as a standard (exportable) fake-quant op."""
+    scale = torch.full((1,), grid_step(bits), device=x.device)
+    zero = torch.zeros(1, dtype=torch.int32, device=x.device)
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+def split_signal(x: torch.Tensor, bits: int, splits: int) -> list[torch.Tensor]:
+    """Split ``x`` (values in [-(1-Δ), 1-Δ]) into ``splits`` signals on the signed ``bits`` grid."""
+    gain = residual_gain(bits)
+    signals, residual = [], x
+    for _ in range(splits):
+        part = _signed_grid(residual, bits)
+        signals.append(part)
+        residual = (residual - part) / gain
+    return signals
+
+
+def combine_signals(signals: list[torch.Tensor], bits: int) -> torch.Tensor:
+    """``Σ_i ρ^i y_i``, the inverse of :func:`split_signal`."""
+    gain = residual_gain(bits)
+    return sum(signal * gain ** i for i, signal in enumerate(signals))
+
+
+class SignalScale:
+    """The per-example peak ``θ`` shared by the input splitter and the output combiner.
+
+    The splitter sets it for each forward pass; the combiner multiplies the output back by it.
+    This works because the separators are positively homogeneous, ``f(x/θ)·θ = f(x)``.
+    """
+
+    def __init__(self) -> None:
+        self.theta: torch.Tensor | None = None
+
+    def normalize(self, x: torch.Tensor, peak: float) -> torch.Tensor:
+        """Map each example's peak ``max |x_b|`` to ``peak`` and remember ``θ_b = max|x_b| / peak``."""
+        dims = tuple(range(1, x.dim()))
+        abs_max = x.detach().abs().amax(dim=dims) if dims else x.detach().abs()
+        self.theta = torch.clamp(abs_max, min=1e-8) / peak
+        return x / self._broadcast(self.theta, x)
+
+    def denormalize(self, y: torch.Tensor) -> torch.Tensor:
+        if self.theta is None:
+            raise RuntimeError("OutputCombiner ran before InputSplitter: the decoder was called without the "
+                               "encoder having seen this batch (the output cannot be de-normalised)")
+        if y.shape[0] != self.theta.shape[0]:
+            raise RuntimeError(f"OutputCombiner: decoder output batch size {y.shape[0]} differs from the encoder "
+                               f"input batch size {self.theta.shape[0]}; the batch must stay on dim 0")
+        return y * self._broadcast(self.theta, y)
+
+    @staticmethod
+    def _broadcast(theta: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return theta.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+class InputSplitter(nn.Module):
+    """Feeds ``splits`` b-bit signals of the (normalised) input to the first layer.
+
+    The layer keeps its float ``weight`` (strict loading of float checkpoints); the kernels of
+    the residual splits live in ``extra_weight`` (shape ``[splits-1, *weight.shape]``), each with
+    its own per-channel :class:`WeightQuantizer`, and are set to ``ρ^i · weight`` on the first
+    forward pass (after pretrained weights are loaded). The layer computes
+    ``layer(s_0; W) + Σ_i layer(s_i; W_i)`` with the bias added once.
+    """
+
+    def __init__(self, weight: torch.Tensor, weight_axis: int, bits: int, splits: int, weight_bits: int,
+                 scale: SignalScale | None) -> None:
+        super().__init__()
+        if splits < 2:
+            raise ValueError(f"InputSplitter needs at least 2 splits, got {splits}")
+        self.bits = bits
+        self.splits = splits
+        self.signal_scale = scale
+        self.extra_weight = nn.Parameter(torch.zeros((splits - 1,) + tuple(weight.shape), dtype=weight.dtype))
+        self.weight_quantizers = nn.ModuleList(
+            WeightQuantizer(weight.shape[weight_axis], weight_bits, axis=weight_axis) for _ in range(splits - 1))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def init_from(self, weight: torch.Tensor) -> None:
+        gain = residual_gain(self.bits)
+        for i in range(self.splits - 1):
+            self.extra_weight[i].copy_(weight * gain ** (i + 1))
+        self.initialized.fill_(True)
+
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.signal_scale is not None:
+            x = self.signal_scale.normalize(x, peak=1.0 - grid_step(self.bits))
+        return split_signal(x, self.bits, self.splits)
+
+    def forward(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        if not bool(self.initialized):
+            self.init_from(layer.weight)
+        signals = self.split(x)
+        out = layer.linear_op(signals[0], layer.weight_quantizer(layer.weight), layer.bias)
+        for signal, weight, quantizer in zip(signals[1:], self.extra_weight, self.weight_quantizers):
+            out = out + layer.linear_op(signal, quantizer(weight), None)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"splits={self.splits}, bits={self.bits}, normalize={self.signal_scale is not None}"
+
+
+class OutputCombiner(nn.Module):
+    """Emits the last layer's output as ``splits`` b-bit tensors and recombines them.
+
+    ``y_0 = Q_0(a)`` is the layer's ordinary output quantizer applied to its pre-quantization
+    output ``a`` (the integer accumulator on an integer engine). Each further output carries the
+    error left by the ones before it, stretched by ``1/ρ^i`` to fill the b-bit range:
+    ``y_i = Q_i((a - Σ_{j<i} ρ^j y_j) / ρ^i)``, where ``Q_i`` has the step of ``Q_0`` and the
+    mid-range zero point ``2^(b-1)``. The result ``Σ_i ρ^i y_i`` has the precision of a
+    ``splits·b``-bit output, is exact at initialisation and follows ``Q_0`` as its range is learned.
+
+    Why not the published re-encoder path (``Q(Y - E(y_0))`` decoded again)? A decoder from N
+    latent channels to a few samples has a large null space; ``Y - E(y_0)`` keeps all of it, so its
+    8-bit quantization noise swamps the residual. The accumulator residual has no null space.
+    """
+
+    def __init__(self, bits: int, splits: int, scale: SignalScale | None) -> None:
+        super().__init__()
+        self.bits = bits
+        self.splits = splits
+        self.signal_scale = scale
+
+    def forward(self, pre_activation: torch.Tensor, output_quantizer: nn.Module) -> torch.Tensor:
+        out = output_quantizer(pre_activation)
+        if self.splits > 1:
+            scale, _ = output_quantizer.qparams()
+            mid = torch.full((1,), 2 ** (self.bits - 1), dtype=torch.int32, device=scale.device)
+            gain = residual_gain(self.bits)
+            for i in range(1, self.splits):
+                residual = (pre_activation - out) / gain ** i
+                part = torch.fake_quantize_per_tensor_affine(residual, scale, mid, 0, 2 ** self.bits - 1)
+                out = out + part * gain ** i
+        if self.signal_scale is not None:
+            out = self.signal_scale.denormalize(out)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"splits={self.splits}, bits={self.bits}, denormalize={self.signal_scale is not None}"
