@@ -2,9 +2,9 @@
 
 Call :func:`calibration_step` once after every ``optimizer.step()`` (or let
 :func:`attach_calibration` do it with an optimizer hook). While an activation quantizer is
-calibrating, each step (1) averages its running min/max over all DDP ranks, so that every rank
+calibrating, each step (1) averages the step's range over all DDP ranks, so that every rank
 quantizes with the same range, and (2) counts the step. After ``calib_steps`` steps the range is
-fixed as the starting point of learning. The counters are buffers: a resumed run continues where
+the starting point of learning. The counters are buffers: a resumed run continues where
 it stopped and never calibrates again.
 """
 from __future__ import annotations
@@ -26,29 +26,22 @@ def is_calibrating(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def sync_ranges(quantizers: list[ActivationQuantizer]) -> None:
-    """Average the running ranges of ``quantizers`` over the ranks of the default process group."""
-    if not quantizers or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    stats = torch.stack([torch.stack([q.running_min, q.running_max, q.initialized.float()]) for q in quantizers])
-    dist.all_reduce(stats)
-    for quantizer, (low, high, seen) in zip(quantizers, stats):
-        if seen > 0:
-            # ranks that have not seen data yet contribute zeros; average over those that have
-            quantizer.running_min.copy_(low / seen)
-            quantizer.running_max.copy_(high / seen)
-            quantizer.initialized.fill_(True)
-            quantizer.set_range(quantizer.running_min, quantizer.running_max)
-
-
-@torch.no_grad()
 def calibration_step(model: nn.Module) -> int:
-    """Count one optimizer step for every calibrating quantizer; return how many are still calibrating."""
+    """End one optimizer step of calibration; return how many quantizers are still calibrating.
+
+    Every calibrating quantizer that saw data in this step (on any DDP rank) commits the range
+    averaged over the ranks that saw data, and counts the step; so all ranks end every step,
+    and calibration, with identical ranges and counters.
+    """
     quantizers = calibrating_quantizers(model)
-    sync_ranges(quantizers)
-    for quantizer in quantizers:
-        if bool(quantizer.initialized):
-            quantizer.steps_observed += 1
+    if quantizers:
+        stats = torch.stack([torch.stack([*q.calibrated_range(), q.has_pending.float()]) * q.has_pending.float()
+                             for q in quantizers])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats)
+        for quantizer, (low, high, seen) in zip(quantizers, stats):
+            if seen > 0:
+                quantizer.end_calibration_step(low / seen, high / seen)
     return len(calibrating_quantizers(model))
 
 

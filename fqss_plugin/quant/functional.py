@@ -23,6 +23,8 @@ import torch
 
 MIN_SCALE = 1e-8
 """Smallest step size; a silent (all-zero) tensor calibrates to it instead of dividing by zero."""
+MAX_SCALE = 1e8
+"""Largest step size; keeps a diverged range finite."""
 
 
 def _range_gradients(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,

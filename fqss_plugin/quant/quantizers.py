@@ -18,15 +18,17 @@ buffers, hence in ``state_dict``: resuming from a checkpoint never re-calibrates
 """
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from torch import nn
 
-from .functional import (MIN_SCALE, fake_quantize_per_channel, fake_quantize_per_tensor,
+from .functional import (MAX_SCALE, MIN_SCALE, fake_quantize_per_channel, fake_quantize_per_tensor,
                          lsq_grad_factor)
 
 CalibrationMethod = Literal["ema", "mse"]
+LOG_MIN_SCALE, LOG_MAX_SCALE = math.log(MIN_SCALE), math.log(MAX_SCALE)
 
 
 class ActivationQuantizer(nn.Module):
@@ -36,12 +38,17 @@ class ActivationQuantizer(nn.Module):
     ``z = round(zero_point)``; it always contains 0.
 
     Life cycle:
-      1. *Uninitialised*: the first forward pass (train or eval) sets the range from that batch.
-      2. *Calibrating* (``steps_observed < calib_steps``): in training mode every forward pass
-         updates the running min/max (EMA with ``momentum``, or the MSE-optimal clipping range
-         with ``method="mse"``) and the range follows them. :func:`calibration_step` counts
-         optimizer steps and averages the statistics over DDP ranks.
-      3. *Learning*: the step and zero point are trained by back-propagation (LSQ+).
+      1. *Calibrating* (``steps_observed < calib_steps``): in training mode every forward pass
+         widens this step's range ``[pending_min, pending_max]`` (the union over the step's calls,
+         e.g. a decoder run once per source); the quantization range is the EMA over completed
+         steps, ``m·running + (1-m)·pending`` (just ``pending`` before the first step ends).
+         With ``method="mse"`` each batch contributes its MSE-optimal clipping range instead of
+         its min/max. :func:`~fqss_plugin.quant.calibration.calibration_step`, called once per
+         optimizer step, averages the range over DDP ranks, commits it to ``running_*`` and counts
+         the step.
+      2. *Learning*: the step and zero point are trained by back-propagation (LSQ+).
+    A quantizer that has never seen data (``initialized`` False) takes its range from its first
+    batch even in eval mode, so that an uncalibrated model still runs.
     """
 
     def __init__(self, bits: int = 8, calib_steps: int = 100, method: CalibrationMethod = "ema",
@@ -58,8 +65,9 @@ class ActivationQuantizer(nn.Module):
         self.learnable = learnable
         self.log_scale = nn.Parameter(torch.zeros(()), requires_grad=learnable)
         self.zero_point = nn.Parameter(torch.zeros(()), requires_grad=learnable)
-        self.register_buffer("running_min", torch.zeros(()))
-        self.register_buffer("running_max", torch.zeros(()))
+        for name in ("running_min", "running_max", "pending_min", "pending_max"):
+            self.register_buffer(name, torch.zeros(()))
+        self.register_buffer("has_pending", torch.zeros((), dtype=torch.bool))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("steps_observed", torch.zeros((), dtype=torch.long))
         self.register_buffer("calib_steps", torch.tensor(calib_steps, dtype=torch.long))
@@ -70,7 +78,7 @@ class ActivationQuantizer(nn.Module):
         return bool(self.steps_observed < self.calib_steps)
 
     def scale(self) -> torch.Tensor:
-        return torch.exp(self.log_scale).clamp(min=MIN_SCALE)
+        return torch.exp(self.log_scale.clamp(LOG_MIN_SCALE, LOG_MAX_SCALE))
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(step, integer zero point) exactly as used in the forward pass."""
@@ -86,19 +94,37 @@ class ActivationQuantizer(nn.Module):
         scale = torch.clamp((high - low) / self.q_max, min=MIN_SCALE)
         self.log_scale.copy_(torch.log(scale))
         self.zero_point.copy_(torch.clamp(torch.round(-low / scale), 0, self.q_max))
+        self.initialized.fill_(True)
+
+    def calibrated_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range calibration currently stands at: EMA of the completed steps and this one."""
+        if int(self.steps_observed) == 0:
+            return self.pending_min, self.pending_max
+        m = self.momentum
+        return (m * self.running_min + (1 - m) * self.pending_min,
+                m * self.running_max + (1 - m) * self.pending_max)
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        """Fold one batch into the running range and move the quantization range to it."""
+        """Fold one batch into this step's range and move the quantization range accordingly."""
         low, high = self._batch_range(x.detach().float())
-        if not bool(self.initialized):
-            self.running_min.copy_(low)
-            self.running_max.copy_(high)
-            self.initialized.fill_(True)
-        else:
-            self.running_min.mul_(self.momentum).add_((1 - self.momentum) * low)
-            self.running_max.mul_(self.momentum).add_((1 - self.momentum) * high)
-        self.set_range(self.running_min, self.running_max)
+        if bool(self.has_pending):
+            low, high = torch.minimum(low, self.pending_min), torch.maximum(high, self.pending_max)
+        self.pending_min.copy_(low)
+        self.pending_max.copy_(high)
+        self.has_pending.fill_(True)
+        self.set_range(*self.calibrated_range())
+
+    @torch.no_grad()
+    def end_calibration_step(self, low: torch.Tensor | None = None, high: torch.Tensor | None = None) -> None:
+        """Commit this step's range (or the given, e.g. rank-averaged, one) and count the step."""
+        if low is None or high is None:
+            low, high = self.calibrated_range()
+        self.running_min.copy_(low)
+        self.running_max.copy_(high)
+        self.has_pending.fill_(False)
+        self.steps_observed += 1
+        self.set_range(low, high)
 
     def _batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         low = torch.clamp(x.min(), max=0.0) if x.numel() else torch.zeros((), device=x.device)
@@ -124,21 +150,27 @@ class ActivationQuantizer(nn.Module):
 
 @torch.no_grad()
 def _mse_optimal_range(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, q_max: int,
-                       candidates: int = 16, max_samples: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shrink ``[low, high]`` by the factor in [0.3, 1] that minimises the quantization MSE on ``x``."""
+                       candidates: int = 32, max_samples: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipping range minimising the quantization MSE on ``x``.
+
+    Search over ``candidates`` log-spaced factors ``f ∈ [0.01, 1]``: first both ends together
+    (``f·[low, high]``), then the upper and the lower end alone.
+    """
     flat = x.reshape(-1)
     if flat.numel() > max_samples:
         flat = flat[torch.linspace(0, flat.numel() - 1, max_samples, device=x.device).long()]
-    best_err, best = None, (low, high)
-    for factor in torch.linspace(0.3, 1.0, candidates).tolist():
-        lo, hi = low * factor, high * factor
-        scale = torch.clamp((hi - lo) / q_max, min=MIN_SCALE)
+    factors = torch.logspace(-2, 0, candidates).tolist()
+
+    def error(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        scale = torch.clamp((hi - lo) / q_max, min=MIN_SCALE).reshape(1)
         zero_point = torch.clamp(torch.round(-lo / scale), 0, q_max).to(torch.int32)
-        err = (torch.fake_quantize_per_tensor_affine(flat, scale.reshape(1), zero_point.reshape(1), 0, q_max)
-               - flat).pow(2).mean()
-        if best_err is None or err < best_err:
-            best_err, best = err, (lo, hi)
-    return best
+        return (torch.fake_quantize_per_tensor_affine(flat, scale, zero_point, 0, q_max) - flat).pow(2).mean()
+
+    shrink = min(factors, key=lambda f: error(low * f, high * f))
+    low, high = low * shrink, high * shrink
+    high = min((high * f for f in factors), key=lambda hi: error(low, hi))
+    low = min((low * f for f in factors), key=lambda lo: error(lo, high))
+    return low, high
 
 
 class WeightQuantizer(nn.Module):
@@ -163,7 +195,7 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     def scale(self) -> torch.Tensor:
-        return torch.exp(self.log_scale).clamp(min=MIN_SCALE)
+        return torch.exp(self.log_scale.clamp(LOG_MIN_SCALE, LOG_MAX_SCALE))
 
     @torch.no_grad()
     def init_from(self, w: torch.Tensor) -> None:

@@ -1,12 +1,15 @@
 """High-precision input and output signals from several 8-bit ones (the FQSS signal path).
 
-With ``b`` bits, ``Δ = 2^-(b-1)`` (the step of a signed b-bit grid on [-1, 1)) and ``ρ = Δ/2``:
+With ``b`` bits, ``Δ = 2^-(b-1)`` (the step of a signed b-bit grid on [-1, 1)) and the residual
+gain ``ρ = 1/(2^b - 1) = Δ/(2 - Δ)``:
 
 * **Split** (:func:`split_signal`): a signal ``x ∈ [-(1-Δ), 1-Δ]`` becomes ``n`` signals on that grid,
-  ``s_0 = Δ·round(x/Δ)`` and, for the residual ``r_i = x - Σ_{j<i} ρ^j s_j ∈ [-ρ^i Δ/2, ρ^i Δ/2]``,
-  ``s_i = Δ·clip(round(r_i / (ρ^i Δ)), -2^(b-1), 2^(b-1)-1)``. Hence ``x ≈ Σ_i ρ^i s_i`` with error
-  at most ``ρ^(n-1)·Δ/2`` (1.5e-5 for two 8-bit signals): each residual is stretched by ``1/ρ`` to
-  use the full grid. Rounding (not the published floor) leaves no constant offset.
+  ``s_0 = Δ·⌊x/Δ + 1/2⌋`` and, for the residual ``r_i = x - Σ_{j<i} ρ^j s_j ∈ [-ρ^i Δ/2, ρ^i Δ/2)``,
+  ``s_i = Δ·⌊r_i / (ρ^i Δ) + 1/2⌋``. Hence ``x ≈ Σ_i ρ^i s_i`` with error at most ``ρ^(n-1)·Δ/2``
+  (1.5e-5 for two 8-bit signals): each residual is stretched by ``1/ρ`` to fill the grid.
+  ``ρ`` is the largest gain for which a stretched residual ``[-(1-Δ/2), 1-Δ/2)`` never clips
+  (the paper's ``Δ/2`` stretches the top half-step past the grid and loses a level of precision
+  on those samples); rounding half up (not the published floor) leaves no constant offset.
 * **Combine** (:func:`combine_signals`): ``y = Σ_i ρ^i y_i``.
 
 :class:`InputSplitter` normalises each example by its own peak ``θ`` (so batching and chunking
@@ -29,15 +32,14 @@ def grid_step(bits: int) -> float:
 
 
 def residual_gain(bits: int) -> float:
-    """ρ = Δ/2 = 2^-b: the weight of each further split relative to the previous one."""
-    return grid_step(bits) / 2
+    """ρ = 1/(2^b - 1): the weight of each further split relative to the previous one."""
+    return 1.0 / (2 ** bits - 1)
 
 
 def _signed_grid(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """``Δ·clip(round(x/Δ), -2^(b-1), 2^(b-1)-1)`` as a standard (exportable) fake-quant op."""
-    scale = torch.full((1,), grid_step(bits), device=x.device)
-    zero = torch.zeros(1, dtype=torch.int32, device=x.device)
-    return torch.fake_quantize_per_tensor_affine(x, scale, zero, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    """``Δ·clip(⌊x/Δ + 1/2⌋, -2^(b-1), 2^(b-1)-1)``; exact, since Δ is a power of two."""
+    step = grid_step(bits)
+    return torch.clamp(torch.floor(x / step + 0.5), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * step
 
 
 def split_signal(x: torch.Tensor, bits: int, splits: int) -> list[torch.Tensor]:
@@ -143,7 +145,8 @@ class OutputCombiner(nn.Module):
     output ``a`` (the integer accumulator on an integer engine). Each further output carries the
     error left by the ones before it, stretched by ``1/ρ^i`` to fill the b-bit range:
     ``y_i = Q_i((a - Σ_{j<i} ρ^j y_j) / ρ^i)``, where ``Q_i`` has the step of ``Q_0`` and the
-    mid-range zero point ``2^(b-1)``. The result ``Σ_i ρ^i y_i`` has the precision of a
+    mid-range zero point ``2^(b-1)``: a rounding error in ``[-s/2, s/2]`` stretched by
+    ``1/ρ = 2^b - 1`` spans exactly the ``2^b`` codes. The result ``Σ_i ρ^i y_i`` has the precision of a
     ``splits·b``-bit output, is exact at initialisation and follows ``Q_0`` as its range is learned.
 
     Why not the published re-encoder path (``Q(Y - E(y_0))`` decoded again)? A decoder from N

@@ -1,0 +1,188 @@
+"""prepare / freeze / coverage_report / registry on a small ConvTasNet-like model."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fqss_plugin as fq
+from fqss_plugin.quant import QuantizedModule, calibration_step
+from fqss_plugin.quant.layers import QConv1d, QConvTranspose1d
+from tests.conftest import speech_like
+from tests.toy_models import ToySeparator
+
+QUANTIZER_KEYS = ("_quantizer", "input_splitter", "output_combiner")
+
+
+def prepared(config=None, model=None):
+    model = model or ToySeparator()
+    return fq.prepare(model, config or fq.QuantConfig.fqss(), encoder="encoder", decoder="decoder")
+
+
+def relative_error(estimate, reference):
+    return float((estimate - reference).norm() / reference.norm())
+
+
+@pytest.mark.parametrize("preset", ["fqss", "vanilla"])
+def test_model_prepared_at_16_bits_matches_the_float_model(preset):
+    float_model = ToySeparator().eval()
+    quantized = prepared(getattr(fq.QuantConfig, preset)(weight_bits=16, act_bits=16),
+                         copy.deepcopy(float_model))
+    x = speech_like(batch=3, length=4000)
+    with torch.no_grad():
+        quantized(x)                                 # one calibration step on this batch
+        calibration_step(quantized)
+        assert relative_error(quantized.eval()(x), float_model(x)) < 1e-3
+
+
+def test_prepare_works_in_place_and_keeps_types_and_aliases():
+    model = ToySeparator()
+    encoder, first_block = model.encoder, model.masker[2]
+    returned = prepared(model=model)
+    assert returned is model and model.encoder is encoder and model.masker[2] is first_block
+    assert isinstance(model.encoder, nn.Conv1d) and isinstance(model.encoder, QConv1d)
+    assert isinstance(model.decoder, QConvTranspose1d)
+
+
+def test_float_state_dict_loads_strictly_except_quantizer_keys():
+    float_model = ToySeparator()
+    float_state = float_model.state_dict()
+    quantized = prepared()
+    missing, unexpected = quantized.load_state_dict(float_state, strict=False)
+    assert unexpected == []
+    assert missing and all(any(k in key for k in QUANTIZER_KEYS) for key in missing)
+    float_keys = set(float_state)
+    assert float_keys <= set(quantized.state_dict())   # upstream names unchanged
+    # weight steps initialise from the *loaded* weights on the first forward pass
+    quantized(speech_like(batch=1, length=2000))
+    expected = float_state["masker.1.weight"].abs().amax(dim=(1, 2)) / 127
+    assert torch.allclose(quantized.masker[1].weight_quantizer.scale(), expected, rtol=1e-6)
+
+
+def test_state_dict_round_trips_with_calibration_counters():
+    model = prepared(fq.QuantConfig.fqss(calib_steps=2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    fq.attach_calibration(optimizer, model)
+    x = speech_like(batch=2, length=3000)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+    state = model.state_dict()
+    assert all(int(v) == 2 for k, v in state.items() if k.endswith("steps_observed"))
+
+    restored = prepared(fq.QuantConfig.fqss(calib_steps=2))
+    restored.load_state_dict(state, strict=True)
+    model.eval(), restored.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), restored(x))
+    # resuming never re-calibrates: new data in training mode leaves the ranges alone
+    restored.train()
+    before = restored.masker[1].output_quantizer.qparams()
+    restored(x * 100)
+    assert torch.equal(restored.masker[1].output_quantizer.qparams()[0], before[0])
+    assert calibration_step(restored) == 0
+
+
+def test_freeze_is_bit_exact_and_exportable_ops_only():
+    model = prepared(fq.QuantConfig.fqss(calib_steps=1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    fq.attach_calibration(optimizer, model)
+    x = speech_like(batch=2, length=3000)
+    for _ in range(4):                               # calibrate, then learn ranges and weights
+        optimizer.zero_grad()
+        (model(x) - torch.stack([x, -x], 1)).pow(2).mean().backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        fq.freeze(model)
+        after = model(x)
+    assert torch.equal(before, after)
+    assert not any(isinstance(p, nn.Parameter) and "quantizer" in n for n, p in model.named_parameters())
+    assert "encoder.output_quantizer.zero_point" in model.state_dict()
+    assert model.state_dict()["encoder.output_quantizer.zero_point"].dtype == torch.int32
+
+
+def test_freeze_before_any_forward_pass_says_what_to_do():
+    with pytest.raises(RuntimeError, match="forward pass"):
+        fq.freeze(prepared())
+
+
+def test_coverage_report_lists_every_output_of_the_conv_net_as_quantized():
+    model = prepared()
+    report = fq.coverage_report(model, speech_like(batch=2, length=2000))
+    assert report.traced and report.fully_quantized, str(report)
+    points = set(report.points())
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedModule):
+            assert f"{name}.output_quantizer" in points, name
+        if isinstance(module, (nn.Conv1d, nn.ConvTranspose1d)):
+            assert f"{name}.weight_quantizer" in points, name
+    assert "encoder.input_splitter" in points and "decoder.output_combiner" in points
+    assert "verdict: fully quantized" in str(report)
+    # the report ran on a copy: the model's quantizers have not seen the example
+    assert not bool(model.encoder.output_quantizer.initialized)
+
+
+class FunctionalResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 1)
+        self.lstm = nn.LSTM(4, 4, batch_first=True)
+
+    def forward(self, x):
+        y = self.conv(x) + x                        # functional add: invisible to a module walk
+        y = torch.tanh(y) * 2
+        return self.lstm(y.transpose(1, 2))[0]
+
+
+def test_coverage_report_finds_functional_float_ops_and_unwrapped_modules():
+    model = fq.prepare(FunctionalResidual(), fq.QuantConfig.vanilla())
+    report = fq.coverage_report(model, torch.randn(2, 4, 10))
+    assert not report.fully_quantized
+    assert any("lstm" in name for name in report.float_modules)
+    ops = " ".join(report.float_ops)
+    assert "add in <root>" in ops and "tanh in <root>" in ops
+    assert "unquantized model input" in ops          # no input quantizer was attached
+    assert "NOT fully quantized" in str(report)
+
+
+def test_prepare_rejects_bad_layer_names_with_a_clear_message():
+    with pytest.raises(ValueError, match="encoder='enc'.*not a submodule"):
+        fq.prepare(ToySeparator(), fq.QuantConfig.fqss(), encoder="enc", decoder="decoder")
+    with pytest.raises(ValueError, match="encoder='enc_activation' is a QReLU, not a weighted layer"):
+        fq.prepare(ToySeparator(), fq.QuantConfig.fqss(), encoder="enc_activation", decoder="decoder")
+    with pytest.raises(ValueError, match="needs both encoder= and decoder="):
+        fq.prepare(ToySeparator(), fq.QuantConfig.fqss(), encoder="encoder")
+    with pytest.raises(ValueError, match="in_splits"):
+        fq.QuantConfig(in_splits=0)
+
+
+def test_exclude_leaves_named_modules_in_float():
+    model = prepared(fq.QuantConfig.fqss(exclude=("masker.2",)))
+    assert not isinstance(model.masker[2].net[0], QuantizedModule)
+    assert isinstance(model.masker[3].net[0], QuantizedModule)
+
+
+class Swish(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class QSwish(fq.quant.layers.OutputQuantized, Swish):
+    pass
+
+
+def test_register_adds_toolkit_module_types():
+    model = nn.Sequential(nn.Linear(3, 3), Swish())
+    report = fq.coverage_report(fq.prepare(copy.deepcopy(model), fq.QuantConfig.vanilla()))
+    assert any("Swish" in name for name in report.float_modules)
+    fq.register(Swish, QSwish)
+    try:
+        fq.prepare(model, fq.QuantConfig.vanilla())
+        assert isinstance(model[1], QSwish)
+    finally:
+        fq.quant.registry._WRAPPERS.pop(Swish)
+    with pytest.raises(TypeError, match="must subclass"):
+        fq.register(Swish, QConv1d)

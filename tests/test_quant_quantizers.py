@@ -1,0 +1,158 @@
+"""ActivationQuantizer / WeightQuantizer: grids, gradients, range safety, calibration life cycle."""
+import torch
+from torch import nn
+
+from fqss_plugin.quant import ActivationQuantizer, WeightQuantizer, attach_calibration, calibration_step
+from fqss_plugin.quant.functional import MIN_SCALE
+
+
+def test_activation_output_is_on_an_integer_grid_that_contains_zero():
+    quantizer = ActivationQuantizer(bits=8)
+    x = torch.randn(4, 1000) * 3 + 1
+    y = quantizer(x)
+    scale, zero_point = quantizer.qparams()
+    codes = y / scale + zero_point
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    assert codes.round().min() >= 0 and codes.round().max() <= 255
+    assert quantizer(torch.zeros(7)).eq(0).all()           # 0 is exactly representable
+    assert len(torch.unique(y)) <= 256
+
+
+def test_activation_range_covers_the_calibration_batch():
+    quantizer = ActivationQuantizer(bits=8)
+    x = torch.linspace(-1.0, 3.0, 4001)
+    y = quantizer(x)
+    scale, _ = quantizer.qparams()
+    assert (y - x).abs().max() <= scale / 2 + 1e-6          # nothing clipped, error <= LSB/2
+
+
+def test_weight_quantizer_is_symmetric_per_channel_with_absmax_over_127():
+    w = torch.randn(6, 3, 5)
+    quantizer = WeightQuantizer(num_channels=6, bits=8, axis=0)
+    wq = quantizer(w)
+    expected_scale = w.abs().amax(dim=(1, 2)) / 127
+    assert torch.allclose(quantizer.scale(), expected_scale, rtol=1e-6)
+    codes = wq / expected_scale.view(-1, 1, 1)
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    assert codes.round().abs().max() == 127 and codes.round().min() >= -128
+
+
+def test_weight_quantizer_axis_1_for_transposed_convs():
+    conv = nn.ConvTranspose1d(4, 3, 8)                     # weight [C_in=4, C_out=3, 8]
+    quantizer = WeightQuantizer(num_channels=3, bits=8, axis=1)
+    quantizer(conv.weight)
+    assert torch.allclose(quantizer.scale(), conv.weight.detach().abs().amax(dim=(0, 2)) / 127, rtol=1e-6)
+
+
+def test_gradients_reach_step_and_zero_point():
+    quantizer = ActivationQuantizer(bits=4, calib_steps=0)
+    quantizer(torch.linspace(0, 1, 100))                  # initialise the range on [0, 1]
+    x = torch.linspace(-0.5, 2.0, 500, requires_grad=True)  # clipped on both sides
+    loss = (quantizer(x) - x).pow(2).sum()
+    loss.backward()
+    assert quantizer.log_scale.grad is not None and quantizer.log_scale.grad.abs() > 0
+    assert quantizer.zero_point.grad is not None and quantizer.zero_point.grad.abs() > 0
+    inside = (x.grad != 0)
+    assert inside.any() and not inside.all()              # STE: no gradient where clipped
+
+    weights = WeightQuantizer(num_channels=3, bits=4)
+    w = torch.randn(3, 10, requires_grad=True)
+    weights(w).pow(2).sum().backward()
+    assert weights.log_scale.grad.abs().sum() > 0 and w.grad.abs().sum() > 0
+
+
+def test_learning_the_step_reduces_clipping_error():
+    quantizer = ActivationQuantizer(bits=4, calib_steps=0)
+    quantizer(torch.linspace(-0.2, 0.2, 100))             # range far too narrow for the data below
+    optimizer = torch.optim.Adam(quantizer.parameters(), lr=0.05)
+    x = torch.randn(2000)
+    first = None
+    for _ in range(60):
+        loss = (quantizer(x) - x).pow(2).mean()
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_ranges_never_invert_or_divide_by_zero_under_adversarial_parameters():
+    quantizer = ActivationQuantizer(bits=8, calib_steps=0)
+    quantizer(torch.randn(100))
+    x = torch.randn(1000)
+    for log_scale, zero_point in [(-1e4, 0.0), (1e4, 0.0), (0.0, 1e9), (0.0, -1e9), (-50.0, 300.0)]:
+        with torch.no_grad():
+            quantizer.log_scale.fill_(log_scale)
+            quantizer.zero_point.fill_(zero_point)
+        y = quantizer(x)
+        scale, zp = quantizer.qparams()
+        assert torch.isfinite(y).all()
+        assert scale > 0 and 0 <= int(zp) <= 255
+        low, high = -int(zp) * scale, (255 - int(zp)) * scale
+        assert low <= 0 <= high and low < high
+
+    # a wildly large learning rate cannot break the range either
+    quantizer = ActivationQuantizer(bits=8, calib_steps=0)
+    quantizer(torch.randn(100))
+    optimizer = torch.optim.SGD(quantizer.parameters(), lr=1e6)
+    for _ in range(5):
+        optimizer.zero_grad()
+        (quantizer(x * 10) - x * 10).pow(2).sum().backward()
+        optimizer.step()
+        assert torch.isfinite(quantizer(x)).all() and quantizer.scale() >= MIN_SCALE
+
+
+def test_silence_and_constant_inputs_give_finite_outputs():
+    for value in (0.0, 0.5, -3.0):
+        quantizer = ActivationQuantizer(bits=8)
+        x = torch.full((2, 100), value)
+        y = quantizer(x)
+        assert torch.isfinite(y).all()
+        assert torch.allclose(y, x, atol=abs(value) / 255 + 1e-6)
+    weights = WeightQuantizer(num_channels=2)
+    assert weights(torch.zeros(2, 5)).eq(0).all()
+
+
+def test_mse_calibration_clips_tails_that_minmax_keeps():
+    x = torch.distributions.Laplace(0.0, 1.0).sample((20000,))   # 4-bit optimum clips near 5b, max is ~10b
+    minmax = ActivationQuantizer(bits=4, method="ema")
+    mse = ActivationQuantizer(bits=4, method="mse")
+    minmax(x), mse(x)
+    assert mse.qparams()[0] < 0.7 * minmax.qparams()[0]
+    assert (mse(x) - x).pow(2).mean() < 0.7 * (minmax(x) - x).pow(2).mean()
+
+
+def test_calibration_counts_optimizer_steps_not_forward_calls():
+    model = nn.Sequential(nn.Linear(4, 4))
+    quantizer = ActivationQuantizer(bits=8, calib_steps=3)
+    model.append(quantizer)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    attach_calibration(optimizer, model)
+    for step in range(3):
+        for _ in range(4):                                 # e.g. gradient accumulation
+            model(torch.randn(8, 4)).sum().backward()
+        assert int(quantizer.steps_observed) == step
+        optimizer.step()
+    assert int(quantizer.steps_observed) == 3 and not quantizer.calibrating
+    # calibration over: a huge batch in training mode no longer moves the range ...
+    scale_before = quantizer.qparams()[0].clone()
+    model(torch.randn(8, 4) * 1000)
+    assert torch.equal(quantizer.qparams()[0], scale_before)
+    # ... and the range is now learned
+    model(torch.randn(8, 4) * 1000).sum().backward()
+    assert quantizer.log_scale.grad is not None
+
+
+def test_eval_mode_does_not_calibrate_an_initialised_quantizer():
+    quantizer = ActivationQuantizer(bits=8, calib_steps=10)
+    quantizer(torch.randn(100))
+    before = quantizer.running_max.clone()
+    quantizer.eval()
+    quantizer(torch.randn(100) * 50)
+    assert torch.equal(quantizer.running_max, before)
+
+
+def test_calibration_step_ignores_quantizers_that_saw_no_data():
+    model = nn.Sequential(ActivationQuantizer(calib_steps=2))
+    calibration_step(model)
+    assert int(model[0].steps_observed) == 0
