@@ -1,8 +1,8 @@
 """Fake-quantization with learnable step sizes (LSQ / LSQ+).
 
-Both functions run the *same* forward kernel that a frozen model and the ONNX export use
+Both forward passes are bit-identical to the kernels a frozen model and the ONNX export use
 (``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine``), so a
-trained model and its frozen copy are bit-identical. Only the backward pass is ours.
+trained model and its frozen copy give the same output. The backward passes are ours.
 
 Notation: step size ``s > 0``, integer zero point ``z``, integer range ``[q_min, q_max]``,
 ``u = x / s`` and ``r = round(u)`` (round half to even, as the kernels do)::
@@ -43,20 +43,39 @@ def _range_gradients(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, z
 
 
 class _PerTensorFakeQuantize(torch.autograd.Function):
+    """Per-tensor LSQ+ fake-quantization.
+
+    The forward pass is written with plain tensor ops in the exact order of the
+    ``torch.fake_quantize_per_tensor_affine`` kernel (``round(x * (1/s)) + z``, clamp,
+    ``(q - z) * s`` in float32), so it is bit-identical to it (tested) while being several
+    times faster on CPU and caching what the backward pass needs: the in-range mask and
+    ``∂y/∂s`` (which equals ``(y - x)/s`` inside the range and ``y/s`` outside).
+    """
+
     @staticmethod
     def forward(ctx, x, scale, zero_point, q_min, q_max, grad_factor):
         z = torch.clamp(torch.round(zero_point), q_min, q_max)
-        ctx.save_for_backward(x, scale, z)
-        ctx.q_range = (q_min, q_max, grad_factor)
-        return torch.fake_quantize_per_tensor_affine(x, scale.float(), z.to(torch.int32), q_min, q_max)
+        inv_scale = 1.0 / scale
+        q = torch.round(x * inv_scale).add_(z)
+        clamped = q.clamp(q_min, q_max)
+        inside = clamped == q
+        y = clamped.sub_(z).mul_(scale)
+        grad_scale = torch.where(inside, y - x, y).mul_(inv_scale) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(inside, grad_scale, scale)
+        ctx.grad_factor = grad_factor
+        ctx.zero_point_shape = zero_point.shape
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale, z = ctx.saved_tensors
-        q_min, q_max, grad_factor = ctx.q_range
-        grad_x, grad_s, grad_z = _range_gradients(grad, x, scale, z, q_min, q_max)
-        return (grad_x, grad_s.sum().reshape(scale.shape) * grad_factor,
-                grad_z.sum().reshape(z.shape) * grad_factor, None, None, None)
+        inside, grad_scale, scale = ctx.saved_tensors
+        grad_x = torch.where(inside, grad, 0.0)
+        grad_s = grad_z = None
+        if ctx.needs_input_grad[1]:
+            grad_s = (grad * grad_scale).sum().reshape(scale.shape) * ctx.grad_factor
+        if ctx.needs_input_grad[2]:
+            grad_z = (-scale * (grad.sum() - grad_x.sum()) * ctx.grad_factor).reshape(ctx.zero_point_shape)
+        return grad_x, grad_s, grad_z, None, None, None
 
 
 class _PerChannelFakeQuantize(torch.autograd.Function):

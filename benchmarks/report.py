@@ -1,0 +1,24 @@
+"""Write one benchmark's section into BENCHMARKS.md (replacing that section only)."""
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+HEADER = "# Benchmarks\n\nEvery figure below was written by the script named in its section, with the exact command.\n"
+
+
+def command_line() -> str:
+    """The command that is running now, as a user would type it from the repository root."""
+    return "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix().split("/main/")[-1]] + sys.argv[1:])
+
+
+def write_section(title: str, body: str) -> None:
+    """Replace (or append) the ``## title`` section of BENCHMARKS.md with ``body``."""
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
+    section = f"## {title}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    BENCHMARKS.write_text(text.rstrip() + "\n")
