@@ -129,19 +129,19 @@ class FunctionalResidual(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv1d(4, 4, 1)
-        self.lstm = nn.LSTM(4, 4, batch_first=True)
+        self.gru = nn.GRU(4, 4, batch_first=True)
 
     def forward(self, x):
         y = self.conv(x) + x                        # functional add: invisible to a module walk
         y = torch.tanh(y) * 2
-        return self.lstm(y.transpose(1, 2))[0]
+        return self.gru(y.transpose(1, 2))[0]
 
 
 def test_coverage_report_finds_functional_float_ops_and_unwrapped_modules():
     model = fq.prepare(FunctionalResidual(), fq.QuantConfig.vanilla())
     report = fq.coverage_report(model, torch.randn(2, 4, 10))
     assert not report.fully_quantized
-    assert any("lstm" in name for name in report.float_modules)
+    assert any("gru" in name for name in report.float_modules)
     ops = " ".join(report.float_ops)
     assert "add in <root>" in ops and "tanh in <root>" in ops
     assert "unquantized model input" in ops          # no input quantizer was attached

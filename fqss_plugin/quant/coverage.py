@@ -4,17 +4,19 @@
 
 * **statically**: every quantizer (weight and activation points, input splitter, output
   combiner), every module that computes in float because it has no wrapper, and the float
-  internals that wrappers keep by design (norm statistics, biases, ...);
+  internals that wrappers keep by design (their ``float_internals``: norm statistics, biases, ...);
 * **dynamically**, when given an example input: it runs a copy of the model under a
   ``TorchFunctionMode`` that follows every tensor. An arithmetic op produces a *float* tensor;
   a quantizer puts it back *on the grid*; shape-only ops (view, cat, pad, ...) keep the state of
   their inputs. An op whose float output is consumed by another arithmetic op before being
   quantized is reported, with the module it ran in: this finds functional code such as
-  ``x + residual`` or ``mask * features`` that no module walk can see.
+  ``x + residual`` or ``mask * features`` that no module walk can see. The float op wrapped by
+  an :class:`OutputQuantized` module counts as one op, whatever it computes internally.
 """
 from __future__ import annotations
 
 import copy
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -23,7 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .layers import QuantizedLayer, QuantizedModule
+from .layers import OutputQuantized, QuantizedModule
 from .quantizers import ActivationQuantizer, FrozenActivationQuantizer, FrozenWeightQuantizer, WeightQuantizer
 from .signal_io import InputSplitter, OutputCombiner
 
@@ -42,18 +44,12 @@ SHAPE_OPS = frozenset({
 })
 """Ops that only move values around (zero padding included: 0 is exactly representable)."""
 
+FILL_OPS = frozenset({"masked_fill"})
+"""Ops that overwrite selected entries with a constant: they keep their input's state when the
+constant is 0 (on every grid) or +-inf (a position excluded from a softmax: a masked softmax)."""
+
 CREATION_OPS = frozenset({"zeros", "zeros_like", "ones", "ones_like", "full", "full_like", "arange", "empty",
                           "empty_like", "new_zeros", "new_ones", "new_full", "new_empty", "tensor", "eye"})
-
-DESIGN_NOTES = {
-    QuantizedLayer: "bias: float in QAT, int32 (scale s_x*s_w) at export",
-    nn.GroupNorm: "norm statistics and affine: float (integer engines use wider internals)",
-    nn.LayerNorm: "norm statistics and affine: float (integer engines use wider internals)",
-    nn.PReLU: "PReLU slope: float (single-slope PReLU exports as LeakyRelu)",
-    InputSplitter: "per-example peak normalisation of the input: one float scalar per example",
-    OutputCombiner: "recombination of the 8-bit outputs and de-normalisation: float post-processing",
-}
-
 
 @dataclass
 class QuantPoint:
@@ -110,13 +106,14 @@ def coverage_report(model: nn.Module, example_input: torch.Tensor | tuple | None
     """
     report = CoverageReport(type(model).__name__)
     notes: set[str] = set()
+    covered = [name for name, m in model.named_modules() if getattr(m, "covers_children", False)]
     for name, module in model.named_modules():
         if isinstance(module, GRID_MODULES):
             report.quantized.append(_describe_point(name, module))
-        for kind, note in DESIGN_NOTES.items():
-            if isinstance(module, kind) and (_is_quantized(module) or isinstance(module, GRID_MODULES)):
-                notes.add(note)
-        if _computes_in_float(module):
+        note = getattr(module, "float_internals", None)
+        if note:
+            notes.add(note)
+        if _computes_in_float(module) and not any(name.startswith(c + ".") for c in covered if c):
             report.float_modules.append(f"{name or '<root>'} ({type(module).__name__})")
     report.by_design = sorted(notes)
     if example_input is not None:
@@ -168,7 +165,8 @@ class _FloatOpTracer(TorchFunctionMode):
                 self.state[id(tensor)] = (tensor, None)
 
     def _inside_grid_module(self) -> bool:
-        return any(isinstance(m, GRID_MODULES) for m in self.stack)
+        """Inside a quantizer, or inside the float op of an :class:`OutputQuantized` wrapper."""
+        return any(isinstance(m, GRID_MODULES + (OutputQuantized,)) for m in self.stack)
 
     def _where(self) -> str:
         for module in reversed(self.stack):
@@ -193,7 +191,7 @@ class _FloatOpTracer(TorchFunctionMode):
             self.mark(outputs, None)
             return out
         known = [self.state[id(t)][1] for t in inputs if id(t) in self.state]
-        if op in SHAPE_OPS:
+        if op in SHAPE_OPS or (op in FILL_OPS and _fills_grid_constant(args, kwargs)):
             pending = [label for label in known if label is not None]
             self.mark(outputs, pending[0] if pending else None)
             return out
@@ -207,6 +205,12 @@ class _FloatOpTracer(TorchFunctionMode):
                 self.float_ops[f"float parameter used by {op} in {self._where()}"] += 1
         self.mark(outputs, f"{op} in {self._where()}")
         return out
+
+
+def _fills_grid_constant(args, kwargs) -> bool:
+    """``masked_fill(x, mask, value)`` with a Python ``value`` of 0 or +-inf."""
+    value = args[2] if len(args) > 2 else kwargs.get("value")
+    return isinstance(value, (int, float)) and (value == 0 or math.isinf(value))
 
 
 def _op_name(func) -> str:

@@ -33,8 +33,20 @@ def activation_quantizer(config: QuantConfig) -> ActivationQuantizer:
                                config.learn_ranges)
 
 
+NORM_INTERNALS = "norm statistics and affine: float (integer engines use wider internals)"
+
+
 class QuantizedModule(nn.Module):
-    """Base of all wrappers: in-place conversion from the float module."""
+    """Base of all wrappers: in-place conversion from the float module.
+
+    ``float_internals`` documents what a wrapper deliberately computes in float (shown by
+    :func:`~fqss_plugin.coverage_report`). ``covers_children`` says the wrapper quantizes what its
+    submodules compute (e.g. a filterbank layer quantizes the filters its ``filterbank`` child
+    holds), so the report does not list those submodules as float.
+    """
+
+    float_internals: str | None = None
+    covers_children = False
 
     @classmethod
     def convert_(cls, module: nn.Module, config: QuantConfig) -> nn.Module:
@@ -56,6 +68,8 @@ class QuantizedLayer(QuantizedModule):
     """A weighted layer computing ``Q_out(op(x_q; Q_w(W)) + b)``."""
 
     weight_axis = 0
+    covers_children = True
+    float_internals = "bias: float in QAT, int32 (scale s_x*s_w) at export"
 
     def _init_quantization(self, config: QuantConfig) -> None:
         self.weight_quantizer = WeightQuantizer(self.weight.shape[self.weight_axis], config.weight_bits,
@@ -115,6 +129,8 @@ class QLinear(QuantizedLayer, nn.Linear):
 class OutputQuantized(QuantizedModule):
     """The float module's own forward, then an :class:`ActivationQuantizer` on its output."""
 
+    covers_children = True
+
     def _init_quantization(self, config: QuantConfig) -> None:
         self.output_quantizer = activation_quantizer(config)
 
@@ -125,17 +141,27 @@ class OutputQuantized(QuantizedModule):
 class QGroupNorm(OutputQuantized, nn.GroupNorm):
     """GroupNorm (float statistics and affine) with a quantized output."""
 
+    float_internals = NORM_INTERNALS
+
 
 class QLayerNorm(OutputQuantized, nn.LayerNorm):
     """LayerNorm (float statistics and affine) with a quantized output."""
+
+    float_internals = NORM_INTERNALS
 
 
 class QPReLU(OutputQuantized, nn.PReLU):
     """PReLU (float slope) with a quantized output."""
 
+    float_internals = "PReLU slope: float (a single-slope PReLU exports as LeakyRelu)"
+
 
 class QReLU(OutputQuantized, nn.ReLU):
     """ReLU with a quantized output."""
+
+
+class QLeakyReLU(OutputQuantized, nn.LeakyReLU):
+    """LeakyReLU with a quantized output."""
 
 
 class QGELU(OutputQuantized, nn.GELU):
@@ -198,7 +224,7 @@ class QConcat(OutputQuantized, Concat):
 for _float_type, _wrapper in [
     (nn.Conv1d, QConv1d), (nn.Conv2d, QConv2d), (nn.ConvTranspose1d, QConvTranspose1d),
     (nn.ConvTranspose2d, QConvTranspose2d), (nn.Linear, QLinear), (nn.GroupNorm, QGroupNorm),
-    (nn.LayerNorm, QLayerNorm), (nn.PReLU, QPReLU), (nn.ReLU, QReLU), (nn.GELU, QGELU), (nn.GLU, QGLU),
+    (nn.LayerNorm, QLayerNorm), (nn.PReLU, QPReLU), (nn.ReLU, QReLU), (nn.LeakyReLU, QLeakyReLU), (nn.GELU, QGELU), (nn.GLU, QGLU),
     (nn.Sigmoid, QSigmoid), (nn.Tanh, QTanh), (nn.Softmax, QSoftmax), (Add, QAdd), (Mul, QMul), (Concat, QConcat),
 ]:
     register(_float_type, _wrapper)

@@ -40,6 +40,8 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, encoder: str | 
                          "(the decoder multiplies the output back by the input's peak)")
     if encoder is not None:
         layer = _weighted_layer(model, encoder, "encoder")
+        if layer.input_splitter is not None or layer.input_quantizer is not None:
+            raise ValueError(f"prepare: encoder={encoder!r} already has an input splitter/quantizer (prepared twice?)")
         if config.in_splits > 1:
             layer.input_splitter = InputSplitter(layer.weight, layer.weight_axis, config.act_bits, config.in_splits,
                                                  config.weight_bits, signal_scale)
@@ -47,6 +49,8 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, encoder: str | 
             layer.input_quantizer = activation_quantizer(config)
     if decoder is not None:
         layer = _weighted_layer(model, decoder, "decoder")
+        if layer.output_combiner is not None:
+            raise ValueError(f"prepare: decoder={decoder!r} already has an output combiner (prepared twice?)")
         if config.out_splits > 1 or signal_scale is not None:
             layer.output_combiner = OutputCombiner(config.act_bits, config.out_splits, signal_scale)
     return model
@@ -62,8 +66,6 @@ def _weighted_layer(model: nn.Module, name: str, role: str) -> QuantizedLayer:
     if not isinstance(layer, QuantizedLayer):
         raise ValueError(f"prepare: {role}={name!r} is a {type(layer).__name__}, not a weighted layer with a "
                          f"quantized wrapper (Conv, ConvTranspose, Linear, or a type added with fqss_plugin.register)")
-    if layer.input_splitter is not None or layer.input_quantizer is not None or layer.output_combiner is not None:
-        raise ValueError(f"prepare: {role}={name!r} already has a signal splitter/combiner (prepared twice?)")
     return layer
 
 

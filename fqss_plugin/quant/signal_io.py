@@ -100,6 +100,8 @@ class InputSplitter(nn.Module):
     ``layer(s_0; W) + Σ_i layer(s_i; W_i)`` with the bias added once.
     """
 
+    float_internals = "per-example peak normalisation of the input: one float scalar per example"
+
     def __init__(self, weight: torch.Tensor, weight_axis: int, bits: int, splits: int, weight_bits: int,
                  scale: SignalScale | None) -> None:
         super().__init__()
@@ -153,6 +155,8 @@ class OutputCombiner(nn.Module):
     latent channels to a few samples has a large null space; ``Y - E(y_0)`` keeps all of it, so its
     8-bit quantization noise swamps the residual. The accumulator residual has no null space.
     """
+
+    float_internals = "recombination of the 8-bit outputs and de-normalisation: float post-processing"
 
     def __init__(self, bits: int, splits: int, scale: SignalScale | None) -> None:
         super().__init__()

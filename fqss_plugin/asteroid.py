@@ -1,0 +1,114 @@
+"""Asteroid adapter: quantized wrappers for Asteroid's own modules.
+
+Importing this module registers wrappers so that :func:`fqss_plugin.prepare` fully covers
+Asteroid's ``ConvTasNet`` (and every ``BaseEncoderMaskerDecoder`` built from the same parts):
+
+* the filterbank ``Encoder``/``Decoder`` of ``asteroid_filterbanks`` (an ``F.conv1d`` /
+  ``F.conv_transpose1d`` on the filterbank's parameter): quantized filters, input splitter on the
+  encoder, output combiner on the decoder. The decoder also quantizes its *input*: that is the
+  output of the model's mask multiplication (``est_masks * tf_rep``), which has no module;
+* ``GlobLN`` / ``ChanLN``: output quantized, statistics and affine in float like ``GroupNorm``;
+* ``TDConvNet``: the residual and skip-connection sums of its forward pass become ``QAdd``.
+
+Use :func:`prepare_model` (``prepare`` with the encoder/decoder names of Asteroid models).
+"""
+from __future__ import annotations
+
+import torch
+from asteroid.masknn.convolutional import TDConvNet
+from asteroid.masknn.norms import ChanLN, GlobLN
+from asteroid_filterbanks.enc_dec import Decoder, Encoder, multishape_conv1d, multishape_conv_transpose1d
+from torch import nn
+
+from .quant import QuantConfig, prepare, register
+from .quant.layers import NORM_INTERNALS, Add, OutputQuantized, QAdd, QuantizedLayer, QuantizedModule, activation_quantizer
+
+
+class QGlobLN(OutputQuantized, GlobLN):
+    """Asteroid's global layer norm with a quantized output."""
+
+    float_internals = NORM_INTERNALS
+
+
+class QChanLN(OutputQuantized, ChanLN):
+    """Asteroid's channel-wise layer norm with a quantized output."""
+
+    float_internals = NORM_INTERNALS
+
+
+class QFilterbankEncoder(QuantizedLayer, Encoder):
+    """Filterbank analysis ``conv1d(x, filters)`` with quantized filters (``weight`` = the filters)."""
+
+    bias = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_filters()
+
+    def linear_op(self, x, weight, bias):
+        spec = multishape_conv1d(self.filterbank.pre_analysis(x), filters=weight, stride=self.stride,
+                                 padding=self.padding, as_conv1d=self.as_conv1d)
+        return self.filterbank.post_analysis(spec)
+
+
+class QFilterbankDecoder(QuantizedLayer, Decoder):
+    """Filterbank synthesis (overlap-add) with quantized filters and a quantized input.
+
+    The input quantizer puts the masked representation (the model's mask product) on a grid.
+    """
+
+    bias = None
+    weight_axis = 1
+
+    def _init_quantization(self, config: QuantConfig) -> None:
+        super()._init_quantization(config)
+        self.input_quantizer = activation_quantizer(config)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_filters()
+
+    def linear_op(self, x, weight, bias):
+        wav = multishape_conv_transpose1d(self.filterbank.pre_synthesis(x), weight, stride=self.stride,
+                                          padding=self.padding, output_padding=self.output_padding)
+        return self.filterbank.post_synthesis(wav)
+
+    def forward(self, spec: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        wav = QuantizedLayer.forward(self, spec)
+        return wav if length is None else wav[..., :min(length, wav.shape[-1])]
+
+
+class QTDConvNet(QuantizedModule, TDConvNet):
+    """ConvTasNet's temporal conv net with quantized residual and skip-connection sums."""
+
+    def _init_quantization(self, config: QuantConfig) -> None:
+        blocks = len(self.TCN)
+        self.residual_adds = nn.ModuleList(QAdd.convert_(Add(), config) for _ in range(blocks))
+        self.skip_adds = nn.ModuleList(QAdd.convert_(Add(), config) for _ in range(blocks - 1)) \
+            if self.skip_chan else None
+
+    def forward(self, mixture_w: torch.Tensor) -> torch.Tensor:
+        batch, _, n_frames = mixture_w.size()
+        output = self.bottleneck(mixture_w)
+        skip_connection = None
+        for i, layer in enumerate(self.TCN):
+            tcn_out = layer(output)
+            if self.skip_chan:
+                residual, skip = tcn_out
+                skip_connection = skip if skip_connection is None else self.skip_adds[i - 1](skip_connection, skip)
+            else:
+                residual = tcn_out
+            output = self.residual_adds[i](output, residual)
+        score = self.mask_net(skip_connection if self.skip_chan else output)
+        score = score.view(batch, self.n_src, self.out_chan, n_frames)
+        return self.output_act(score)
+
+
+for _float_type, _wrapper in [(GlobLN, QGlobLN), (ChanLN, QChanLN), (Encoder, QFilterbankEncoder),
+                              (Decoder, QFilterbankDecoder), (TDConvNet, QTDConvNet)]:
+    register(_float_type, _wrapper)
+
+
+def prepare_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
+    """:func:`fqss_plugin.prepare` for an Asteroid ``BaseEncoderMaskerDecoder`` (``encoder``/``decoder``)."""
+    return prepare(model, config, encoder="encoder", decoder="decoder")

@@ -1,0 +1,42 @@
+"""Asteroid adapter: prepare fully covers Asteroid's own ConvTasNet."""
+import copy
+
+import pytest
+import torch
+from asteroid.models import ConvTasNet
+
+import fqss_plugin as fq
+from fqss_plugin.asteroid import QFilterbankDecoder, QFilterbankEncoder, prepare_model
+from tests.conftest import speech_like
+
+
+def tiny_convtasnet():
+    return ConvTasNet(n_src=2, n_blocks=3, n_repeats=1, bn_chan=16, hid_chan=32, skip_chan=16, n_filters=32,
+                      kernel_size=16, stride=8)
+
+
+@pytest.mark.parametrize("preset", ["fqss", "vanilla"])
+def test_convtasnet_is_fully_quantized(preset):
+    model = prepare_model(tiny_convtasnet(), getattr(fq.QuantConfig, preset)())
+    report = fq.coverage_report(model, speech_like(batch=2, length=3000))
+    assert report.fully_quantized, str(report)
+    assert isinstance(model.encoder, QFilterbankEncoder) and isinstance(model.decoder, QFilterbankDecoder)
+    points = report.points()
+    assert "masker.residual_adds.2.output_quantizer" in points and "masker.skip_adds.1.output_quantizer" in points
+    assert "decoder.input_quantizer" in points            # the mask product
+    assert "encoder.weight_quantizer" in points            # the filterbank's filters
+
+
+def test_convtasnet_at_16_bits_matches_float_and_keeps_asteroid_serialisation():
+    float_model = tiny_convtasnet().eval()
+    model = prepare_model(copy.deepcopy(float_model), fq.QuantConfig.fqss(weight_bits=16, act_bits=16))
+    x = speech_like(batch=2, length=3000)
+    with torch.no_grad():
+        model(x)
+        fq.calibration_step(model)
+        estimate, reference = model.eval()(x), float_model(x)
+    assert float((estimate - reference).norm() / reference.norm()) < 1e-3
+    package = model.serialize()
+    assert package["model_name"] == "ConvTasNet"
+    missing, unexpected = model.load_state_dict(float_model.state_dict(), strict=False)
+    assert unexpected == [] and all("quantizer" in k or "input_splitter" in k for k in missing)
