@@ -1,0 +1,206 @@
+"""The training and evaluation logic shared by the Asteroid recipes (``recipes/LibriMix/*``).
+
+A recipe's ``train.py`` only says how to build its float model; everything else follows
+Asteroid's ``egs/librimix`` recipes: a nested ``conf.yml`` whose leaves are command-line flags,
+``asteroid.data.LibriMix`` datasets, ``PITLossWrapper``, a Lightning ``Trainer`` with top-k
+checkpoints, ``best_model.pth`` and ``eval/final_metrics.json`` from ``asteroid.metrics.get_metrics``.
+
+The ``quant.mode`` of the config picks the job:
+
+* ``float``: train the float model (the teacher of the embedded benchmark);
+* ``vanilla``: QAT from a pretrained float model, task loss only, one 8-bit input/output quantizer;
+* ``fqss``: QAT with the input splitter, output combiner and distillation from the float model.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import pytorch_lightning as pl
+import soundfile as sf
+import torch
+import yaml
+from asteroid.data import LibriMix
+from asteroid.engine.optimizers import make_optimizer
+from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
+from asteroid.metrics import get_metrics
+from asteroid.utils import parse_args_as_dict, prepare_parser_from_dict
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .asteroid import (FQSSSystem, atomic_save, load_float_model, load_quantized_model, prepare_model,
+                       save_quantized_model)
+from .loss import FQSSLoss
+from .quant import QuantConfig
+
+MODES = ("float", "vanilla", "fqss")
+METRICS = ["si_sdr", "sdr", "stoi"]
+log = logging.getLogger("fqss.recipe")
+
+
+class RecipeError(ValueError):
+    """A problem with the recipe's inputs (paths, data, checkpoints), stated for the user."""
+
+
+def parse_conf(conf_path: str | Path, argv: list[str] | None = None) -> dict:
+    """Asteroid's recipe convention: every leaf of the yaml is also a ``--flag``."""
+    conf_path = Path(conf_path)
+    if not conf_path.is_file():
+        raise RecipeError(f"--conf {conf_path}: no such file")
+    with open(conf_path) as handle:
+        defaults = yaml.safe_load(handle)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--conf", default=str(conf_path))
+    parser.add_argument("--exp_dir", default=None, help="experiment directory (default: exp/<tag>)")
+    parser.add_argument("--pretrained", default=None, help="float teacher: hub id, directory or model file")
+    prepare_parser_from_dict(defaults, parser=parser)
+    conf = parse_args_as_dict(parser, args=argv)
+    if conf["quant"]["mode"] not in MODES:
+        raise RecipeError(f"quant.mode must be one of {MODES}, got {conf['quant']['mode']!r}")
+    return conf
+
+
+def split_dir(conf: dict, split: str) -> Path:
+    """``<data_dir>/wav8k/min/<split>`` (the split's metadata directory)."""
+    data = conf["data"]
+    rate = f"wav{data['sample_rate'] // 1000}k"
+    path = Path(data["data_dir"]) / rate / data["librimix_mode"] / split
+    csvs = sorted(path.glob("mixture_*.csv")) if path.is_dir() else []
+    if not csvs:
+        raise RecipeError(f"{path}: no LibriMix metadata (mixture_{split}_*.csv) here. Generate the embedded data with "
+                          f"`fqss make-data speech --out DIR` and pass --data_dir DIR/data, or point --data_dir at a "
+                          f"directory holding Asteroid's local LibriMix metadata")
+    return path
+
+
+def make_dataset(conf: dict, split: str, segment: float | None) -> LibriMix:
+    data = conf["data"]
+    dataset = LibriMix(csv_dir=str(split_dir(conf, split)), task=data["task"], sample_rate=data["sample_rate"],
+                       n_src=data["n_src"], segment=segment, return_id=segment is None)
+    first = dataset.df.iloc[0]["mixture_path"] if len(dataset) else None
+    if first is None:
+        raise RecipeError(f"{split_dir(conf, split)}: no mixture is at least {segment} s long")
+    try:
+        rate = sf.info(first).samplerate
+    except RuntimeError as error:
+        raise RecipeError(f"{first}: unreadable audio ({error})") from None
+    if rate != data["sample_rate"]:
+        raise RecipeError(f"{first}: sample rate {rate} Hz, but data.sample_rate is {data['sample_rate']} Hz")
+    return dataset
+
+
+def quant_config(conf: dict) -> QuantConfig:
+    quant = conf["quant"]
+    preset = QuantConfig.fqss if quant["mode"] == "fqss" else QuantConfig.vanilla
+    return preset(weight_bits=quant["weight_bits"], act_bits=quant["act_bits"], calib_steps=quant["calib_steps"])
+
+
+def build_models(conf: dict, build_float: Callable[[dict], nn.Module]) -> tuple[nn.Module, nn.Module | None]:
+    """(model to train, float teacher or None) for the configured mode."""
+    mode, pretrained = conf["quant"]["mode"], conf["main_args"]["pretrained"]
+    if mode == "float":
+        return (load_float_model(pretrained) if pretrained else build_float(conf)), None
+    if not pretrained:
+        raise RecipeError(f"quant.mode={mode} needs --pretrained (the float model: hub id, directory or file)")
+    teacher = load_float_model(pretrained)
+    student = prepare_model(copy.deepcopy(teacher), quant_config(conf))
+    return student, teacher
+
+
+def train(conf: dict, build_float: Callable[[dict], nn.Module]) -> Path:
+    """Train (or fine-tune with QAT) and write ``best_model.pth``; resumes from ``checkpoints/last.ckpt``."""
+    exp_dir = Path(conf["main_args"]["exp_dir"])
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    with open(exp_dir / "conf.yml", "w") as handle:
+        yaml.safe_dump(conf, handle)
+    seed = conf["training"]["seed"]
+    pl.seed_everything(seed, workers=True)
+
+    segment = conf["data"]["segment"]
+    train_set, val_set = make_dataset(conf, "train-360", segment), make_dataset(conf, "dev", segment)
+    loader = dict(batch_size=conf["training"]["batch_size"], num_workers=conf["training"]["num_workers"])
+    train_loader = DataLoader(train_set, shuffle=True, drop_last=True, **loader)
+    val_loader = DataLoader(val_set, shuffle=False, **loader)
+
+    model, teacher = build_models(conf, build_float)
+    optimizer = make_optimizer(model.parameters(), **conf["optim"])
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=5) \
+        if conf["training"]["half_lr"] else None
+    mode = conf["quant"]["mode"]
+    loss = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx") if mode == "float" else \
+        FQSSLoss(lambda_kd=conf["quant"]["lambda_kd"] if mode == "fqss" else 0.0)
+    system = FQSSSystem(model, optimizer, loss, train_loader, val_loader, scheduler, config=conf, teacher=teacher)
+
+    checkpoint_dir = exp_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, monitor="val_loss", mode="min", save_top_k=3, save_last=True,
+                                 verbose=True)
+    callbacks = [checkpoint]
+    if conf["training"]["early_stop"]:
+        callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=30))
+    trainer = pl.Trainer(max_epochs=conf["training"]["epochs"], callbacks=callbacks, default_root_dir=str(exp_dir),
+                         logger=CSVLogger(str(exp_dir), name="lightning_logs"), accelerator="auto", devices=1,
+                         gradient_clip_val=conf["training"]["gradient_clip"],
+                         limit_train_batches=conf["training"]["limit_train_batches"],
+                         limit_val_batches=conf["training"]["limit_val_batches"],
+                         enable_progress_bar=conf["training"]["progress_bar"], deterministic="warn")
+    last = checkpoint_dir / "last.ckpt"
+    trainer.fit(system, ckpt_path=str(last) if last.is_file() else None)
+
+    with open(exp_dir / "best_k_models.json", "w") as handle:
+        json.dump({k: float(v) for k, v in checkpoint.best_k_models.items()}, handle, indent=0)
+    best = checkpoint.best_model_path or str(last)
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    system.load_state_dict(state)
+    infos = {"seed": seed, "training_mode": mode, "pretrained": conf["main_args"]["pretrained"]}
+    if mode == "float":
+        package = system.model.serialize()
+        package["infos"] = {**{k: str(v) for k, v in package["infos"].items()}, **infos}
+        return atomic_save(package, exp_dir / "best_model.pth")
+    return save_quantized_model(system.model, exp_dir / "best_model.pth", quant_config(conf), infos)
+
+
+def load_model(path: str | Path) -> nn.Module:
+    """A float or quantized model written by :func:`train` (the one documented reload call)."""
+    try:
+        return load_quantized_model(path)
+    except ValueError as error:
+        if "not a quantized fqss model" not in str(error):
+            raise
+        return load_float_model(path)
+
+
+@torch.no_grad()
+def evaluate(conf: dict, model_path: str | Path | None = None, out_dir: str | Path | None = None) -> dict:
+    """Asteroid's ``eval.py``: metrics per test mixture (``all_metrics.csv``) and their means (``final_metrics.json``)."""
+    exp_dir = Path(conf["main_args"]["exp_dir"])
+    model = load_model(model_path or exp_dir / "best_model.pth").eval()
+    test_set = make_dataset(conf, "test", None)
+    loss = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx")
+    rows = []
+    for mix, sources, mixture_id in tqdm(test_set, desc="evaluating", disable=not conf["training"]["progress_bar"]):
+        estimate = model(mix[None])
+        _, estimate = loss(estimate, sources[None], return_est=True)
+        metrics = get_metrics(mix.numpy(), sources.numpy(), estimate[0].numpy(), sample_rate=conf["data"]["sample_rate"],
+                              metrics_list=METRICS)
+        rows.append({"mixture_ID": mixture_id, **{k: float(v) for k, v in metrics.items()}})
+    out = Path(out_dir or exp_dir / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "all_metrics.csv", "w") as handle:
+        handle.write(",".join(rows[0]) + "\n")
+        handle.writelines(",".join(str(v) for v in row.values()) + "\n" for row in rows)
+    final = {}
+    for metric in METRICS:
+        values = torch.tensor([row[metric] for row in rows])
+        inputs = torch.tensor([row[f"input_{metric}"] for row in rows])
+        final[metric] = float(values.mean())
+        final[f"{metric}_imp"] = float((values - inputs).mean())
+    with open(out / "final_metrics.json", "w") as handle:
+        json.dump(final, handle, indent=2)
+    return final
