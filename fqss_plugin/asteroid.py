@@ -227,7 +227,11 @@ def load_quantized_model(source: str | Path) -> nn.Module:
         raise ValueError(f"{source}: not a quantized fqss model (no 'fqss' entry); use load_float_model for float ones")
     model = asteroid_models.get(package["model_name"])(**package["model_args"])
     prepare_model(model, QuantConfig(**package["fqss"]["config"]))
-    model.load_state_dict(package["state_dict"], strict=True)
+    try:
+        model.load_state_dict(package["state_dict"], strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{source}: its weights do not fit a quantized {package['model_name']} "
+                         f"({str(error).splitlines()[0]})") from None
     if package["fqss"].get("frozen"):
         freeze(model)
     return model

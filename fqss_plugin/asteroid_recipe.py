@@ -84,16 +84,22 @@ def make_dataset(conf: dict, split: str, segment: float | None) -> LibriMix:
     data = conf["data"]
     dataset = LibriMix(csv_dir=str(split_dir(conf, split)), task=data["task"], sample_rate=data["sample_rate"],
                        n_src=data["n_src"], segment=segment, return_id=segment is None)
-    first = dataset.df.iloc[0]["mixture_path"] if len(dataset) else None
-    if first is None:
+    if not len(dataset):
         raise RecipeError(f"{split_dir(conf, split)}: no mixture is at least {segment} s long")
-    try:
-        rate = sf.info(first).samplerate
-    except RuntimeError as error:
-        raise RecipeError(f"{first}: unreadable audio ({error})") from None
-    if rate != data["sample_rate"]:
-        raise RecipeError(f"{first}: sample rate {rate} Hz, but data.sample_rate is {data['sample_rate']} Hz")
+    check_audio_files(dataset, data["sample_rate"])
     return dataset
+
+
+def check_audio_files(dataset: LibriMix, sample_rate: int) -> None:
+    """Fail early, naming the file, on a missing or unreadable wav or a wrong sample rate."""
+    columns = [c for c in dataset.df.columns if c.endswith("_path")]
+    for path in dataset.df[columns].to_numpy().ravel():
+        try:
+            rate = sf.info(path).samplerate
+        except (RuntimeError, sf.LibsndfileError) as error:
+            raise RecipeError(f"{path}: missing or unreadable audio ({error})") from None
+        if rate != sample_rate:
+            raise RecipeError(f"{path}: sample rate {rate} Hz, but data.sample_rate is {sample_rate} Hz")
 
 
 def quant_config(conf: dict) -> QuantConfig:

@@ -1,0 +1,123 @@
+"""The Asteroid LibriMix ConvTasNet recipe end to end on tiny generated data (debug-sized)."""
+import json
+import shutil
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+
+from fqss_plugin.asteroid import load_float_model, resolve_package
+from fqss_plugin.quant import ActivationQuantizer
+from fqss_plugin.asteroid_recipe import RecipeError, evaluate, load_model, make_dataset, parse_conf, train
+from fqss_plugin.data.speech import SpeechConfig, generate_speech
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "LibriMix" / "ConvTasNet"
+TINY_MODEL = ["--n_filters", "16", "--kernel_size", "16", "--stride", "8", "--bn_chan", "8", "--hid_chan", "16",
+              "--skip_chan", "8", "--n_blocks", "2", "--n_repeats", "1"]
+
+
+def build_float_model(conf):
+    from asteroid.models import ConvTasNet
+    return ConvTasNet(n_src=conf["data"]["n_src"], sample_rate=conf["data"]["sample_rate"], **conf["filterbank"],
+                      **conf["masknet"])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("librimix")
+    generate_speech(SpeechConfig(out=root, hours=0.006, train_speakers=4, eval_speakers=3, eval_mixtures=2, jobs=1,
+                                 progress=False))
+    return root / "data"
+
+
+def conf_for(mode: str, data_dir: Path, exp_dir: Path, *extra: str) -> dict:
+    argv = ["--exp_dir", str(exp_dir), "--data_dir", str(data_dir), "--epochs", "1", "--segment", "1.0",
+            "--batch_size", "2", "--progress_bar", "false", "--calib_steps", "1", *TINY_MODEL, *extra]
+    return parse_conf(RECIPE / "conf" / f"{mode}.yml", argv)
+
+
+@pytest.fixture(scope="module")
+def float_exp(data_dir, tmp_path_factory) -> Path:
+    exp = tmp_path_factory.mktemp("exp") / "float"
+    train(conf_for("float", data_dir, exp), build_float_model)
+    return exp
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "fqss"])
+def test_qat_runs_from_a_local_teacher_and_writes_asteroid_outputs(mode, data_dir, float_exp, tmp_path):
+    exp = tmp_path / mode
+    conf = conf_for(mode, data_dir, exp, "--pretrained", str(float_exp))
+    best = train(conf, build_float_model)
+    assert best == exp / "best_model.pth"
+    for name in ("conf.yml", "best_k_models.json", "checkpoints/last.ckpt"):
+        assert (exp / name).is_file(), name
+    model = load_model(best)                         # the one documented reload call
+    quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    assert quantizers and all(bool(q.initialized) for q in quantizers)
+    assert (model.encoder.input_splitter is not None) == (mode == "fqss")
+    metrics = evaluate(conf)
+    assert set(metrics) >= {"si_sdr", "si_sdr_imp", "sdr", "sdr_imp", "stoi"}
+    assert json.loads((exp / "eval" / "final_metrics.json").read_text()) == metrics
+    assert all(v == v for v in metrics.values())     # no NaN
+
+
+def test_teacher_loads_from_a_preseeded_hub_cache_offline(float_exp, tmp_path, monkeypatch):
+    snapshot = tmp_path / "models--fqss--tiny-convtasnet" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copy(float_exp / "best_model.pth", snapshot / "pytorch_model.bin")
+    (tmp_path / "models--fqss--tiny-convtasnet" / "refs").mkdir()
+    (tmp_path / "models--fqss--tiny-convtasnet" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr("asteroid.utils.hub_utils.CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model = load_float_model("fqss/tiny-convtasnet")
+    reference = load_float_model(float_exp / "best_model.pth")
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(FileNotFoundError, match="not available from the Hugging Face hub"):
+        load_float_model("fqss/not-cached")
+
+
+def test_interrupted_run_resumes_with_quantizer_state(data_dir, float_exp, tmp_path):
+    exp = tmp_path / "fqss"
+    calibrate = ("--pretrained", str(float_exp), "--calib_steps", "100")
+    train(conf_for("fqss", data_dir, exp, *calibrate), build_float_model)      # "interrupted" after epoch 1
+    first = torch.load(exp / "checkpoints" / "last.ckpt", weights_only=True)
+    key = "model.masker.bottleneck.1.output_quantizer"
+    steps = first["global_step"]
+    assert steps > 0 and int(first["state_dict"][f"{key}.steps_observed"]) == steps
+    train(conf_for("fqss", data_dir, exp, *calibrate, "--epochs", "2"), build_float_model)   # resumes: epoch 2 only
+    resumed = torch.load(exp / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["epoch"] == first["epoch"] + 1 and resumed["global_step"] == 2 * steps
+    # the calibration counter went on from where it stopped (a fresh start would read `steps`)
+    assert int(resumed["state_dict"][f"{key}.steps_observed"]) == 2 * steps
+
+
+def test_bad_inputs_fail_with_one_clear_message(data_dir, float_exp, tmp_path):
+    with pytest.raises(RecipeError, match="no LibriMix metadata"):
+        make_dataset(conf_for("float", tmp_path / "missing", tmp_path / "exp"), "dev", 1.0)
+    with pytest.raises(RecipeError, match="--conf .*no such file"):
+        parse_conf(tmp_path / "nope.yml", [])
+    wrong_rate = tmp_path / "wrong_rate"
+    shutil.copytree(data_dir / "wav8k" / "min" / "dev", wrong_rate / "wav16k" / "min" / "dev")
+    with pytest.raises(RecipeError, match="sample rate 8000 Hz, but data.sample_rate is 16000"):
+        make_dataset(conf_for("float", wrong_rate, tmp_path / "exp", "--sample_rate", "16000"), "dev", None)
+    corrupt = tmp_path / "corrupt"                    # a copy of the dataset with one broken wav
+    shutil.copytree(data_dir.parent, corrupt)
+    for csv_file in (corrupt / "data" / "wav8k" / "min" / "dev").glob("*.csv"):
+        csv_file.write_text(csv_file.read_text().replace(str(data_dir.parent), str(corrupt)))
+    first_row = (corrupt / "data" / "wav8k" / "min" / "dev" / "mixture_dev_mix_clean.csv").read_text().splitlines()[1]
+    bad_wav = Path(first_row.split(",")[2])
+    bad_wav.write_bytes(b"not a wav file")
+    with pytest.raises(RecipeError, match=f"{bad_wav.name}: missing or unreadable audio"):
+        make_dataset(conf_for("float", corrupt / "data", tmp_path / "exp"), "dev", None)
+    not_a_package = tmp_path / "state_dict.pth"
+    torch.save({"weight": torch.zeros(3)}, not_a_package)
+    with pytest.raises(ValueError, match="not an Asteroid model package"):
+        resolve_package(not_a_package)
+    with pytest.raises(ValueError, match="quantized fqss model; a float teacher is needed"):
+        exp = tmp_path / "q"
+        train(conf_for("vanilla", data_dir, exp, "--pretrained", str(float_exp)), build_float_model)
+        load_float_model(exp / "best_model.pth")
+    with pytest.raises(RecipeError, match="needs --pretrained"):
+        train(conf_for("fqss", data_dir, tmp_path / "nopre"), build_float_model)
