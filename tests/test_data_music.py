@@ -1,7 +1,6 @@
 """The toy MUSDB18-HQ: layout, musdb's loader and validation split, exact mixture, determinism."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +10,6 @@ import soundfile as sf
 from fqss_plugin.data.__main__ import main as data_main
 from fqss_plugin.data.music import STEMS, MusicConfig, generate_music, musdb_validation_names
 
-pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("ffmpeg") is None,
-                                reason="needs espeak-ng (vocals) and ffmpeg (musdb reads wavs through stempeg)")
 
 
 def tiny(out: Path, **overrides) -> MusicConfig:

@@ -18,8 +18,6 @@ from fqss_plugin.data.loudness import gain_for_loudness, integrated_loudness
 from fqss_plugin.data.pitch import median_f0
 from fqss_plugin.data.speech import SpeechConfig, generate_speech
 
-pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("flite") is None,
-                                reason="needs espeak-ng and flite (make install)")
 
 SPLITS = ("train-360", "dev", "test", "test-flite")
 MIXTURE_ID = re.compile(r"^\d+-\d+-\d{4}_\d+-\d+-\d{4}$")
