@@ -1,15 +1,18 @@
 """The toolkit-agnostic quantization core: quantizers, wrappers, signal splitter/combiner, prepare."""
+from .attention import QMultiheadAttention
 from .calibration import attach_calibration, calibration_step, is_calibrating
 from .config import QuantConfig
 from .coverage import CoverageReport, coverage_report
 from .layers import Add, Concat, Mul, QAdd, QConcat, QMul, QuantizedLayer, QuantizedModule
 from .prepare import freeze, prepare
 from .quantizers import ActivationQuantizer, WeightQuantizer
+from .recurrent import QLSTM
 from .registry import register
 from .signal_io import InputSplitter, OutputCombiner
 
 __all__ = [
-    "ActivationQuantizer", "Add", "Concat", "Mul", "CoverageReport", "InputSplitter", "OutputCombiner", "QAdd", "QConcat", "QMul",
+    "ActivationQuantizer", "Add", "Concat", "Mul", "CoverageReport", "InputSplitter", "OutputCombiner", "QAdd", "QConcat",
+    "QLSTM", "QMul", "QMultiheadAttention",
     "QuantConfig", "QuantizedLayer", "QuantizedModule", "WeightQuantizer", "attach_calibration",
     "calibration_step", "coverage_report", "freeze", "is_calibrating", "prepare", "register",
 ]
