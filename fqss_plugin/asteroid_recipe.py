@@ -183,26 +183,35 @@ def load_model(path: str | Path) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(conf: dict, model_path: str | Path | None = None, out_dir: str | Path | None = None) -> dict:
-    """Asteroid's ``eval.py``: metrics per test mixture (``all_metrics.csv``) and their means (``final_metrics.json``)."""
-    exp_dir = Path(conf["main_args"]["exp_dir"])
-    model = load_model(model_path or exp_dir / "best_model.pth").eval()
+def score_test_set(model: nn.Module, conf: dict, metrics: list[str] = METRICS, desc: str = "evaluating") -> list[dict]:
+    """Asteroid's metrics (``get_metrics``, PIT-reordered estimates) for every test mixture."""
+    model.eval()
     test_set = make_dataset(conf, "test", None)
     loss = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx")
     rows = []
-    for mix, sources, mixture_id in tqdm(test_set, desc="evaluating", disable=not conf["training"]["progress_bar"]):
-        estimate = model(mix[None])
-        _, estimate = loss(estimate, sources[None], return_est=True)
-        metrics = get_metrics(mix.numpy(), sources.numpy(), estimate[0].numpy(), sample_rate=conf["data"]["sample_rate"],
-                              metrics_list=METRICS)
-        rows.append({"mixture_ID": mixture_id, **{k: float(v) for k, v in metrics.items()}})
+    for mix, sources, mixture_id in tqdm(test_set, desc=desc, disable=not conf["training"]["progress_bar"]):
+        _, estimate = loss(model(mix[None]), sources[None], return_est=True)
+        values = get_metrics(mix.numpy(), sources.numpy(), estimate[0].numpy(), sample_rate=conf["data"]["sample_rate"],
+                             metrics_list=metrics)
+        rows.append({"mixture_ID": mixture_id, **{k: float(v) for k, v in values.items()}})
+    return rows
+
+
+def evaluate(conf: dict, model_path: str | Path | None = None, out_dir: str | Path | None = None,
+             metrics: list[str] = METRICS) -> dict:
+    """Asteroid's ``eval.py``: metrics per test mixture (``all_metrics.csv``) and their means (``final_metrics.json``).
+
+    ``<metric>_imp`` is the mean improvement over the mixture (``si_sdr_imp`` is the SI-SDRi).
+    """
+    exp_dir = Path(conf["main_args"]["exp_dir"])
+    rows = score_test_set(load_model(model_path or exp_dir / "best_model.pth"), conf, metrics)
     out = Path(out_dir or exp_dir / "eval")
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "all_metrics.csv", "w") as handle:
         handle.write(",".join(rows[0]) + "\n")
         handle.writelines(",".join(str(v) for v in row.values()) + "\n" for row in rows)
     final = {}
-    for metric in METRICS:
+    for metric in metrics:
         values = torch.tensor([row[metric] for row in rows])
         inputs = torch.tensor([row[f"input_{metric}"] for row in rows])
         final[metric] = float(values.mean())

@@ -40,9 +40,10 @@ SHAPE_OPS = frozenset({
     "view", "view_as", "reshape", "reshape_as", "permute", "transpose", "t", "squeeze", "unsqueeze", "flatten",
     "unflatten", "contiguous", "expand", "expand_as", "repeat", "narrow", "select", "__getitem__", "split",
     "chunk", "unbind", "cat", "concat", "stack", "pad", "flip", "roll", "clone", "detach", "to", "cpu", "cuda",
-    "movedim", "unfold", "split_with_sizes", "tensor_split", "index_select", "gather", "tile",
+    "movedim", "unfold", "split_with_sizes", "tensor_split", "index_select", "gather", "tile", "dropout",
 })
-"""Ops that only move values around (zero padding included: 0 is exactly representable)."""
+"""Ops that only move values around (zero padding included: 0 is exactly representable; dropout is the
+identity in eval mode, where the tracer runs)."""
 
 FILL_OPS = frozenset({"masked_fill"})
 """Ops that overwrite selected entries with a constant: they keep their input's state when the

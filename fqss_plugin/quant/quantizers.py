@@ -120,8 +120,10 @@ class ActivationQuantizer(nn.Module):
         """Commit this step's range (or the given, e.g. rank-averaged, one) and count the step."""
         if low is None or high is None:
             low, high = self.calibrated_range()
-        self.running_min.copy_(low)
-        self.running_max.copy_(high)
+        for buffer in (self.running_min, self.pending_min):
+            buffer.copy_(low)
+        for buffer in (self.running_max, self.pending_max):
+            buffer.copy_(high)
         self.has_pending.fill_(False)
         self.steps_observed += 1
         self.set_range(low, high)
@@ -137,10 +139,13 @@ class ActivationQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.initialized) or (self.training and self.calibrating):
             self.observe(x)
-        scale = self.scale()
-        zero_point = self.zero_point
-        if self.calibrating or not self.learnable:
-            scale, zero_point = scale.detach(), zero_point.detach()
+        scale, zero_point = self.scale(), self.zero_point
+        if self.calibrating:
+            # The range follows the data (observe() rewrites it in place): use a snapshot. Adding
+            # 0 x parameter keeps the parameters in the graph with a zero gradient, so DDP sees every
+            # parameter used and needs no find_unused_parameters.
+            scale = scale.detach() + 0.0 * self.log_scale
+            zero_point = zero_point.detach() + 0.0 * self.zero_point
         grad_factor = lsq_grad_factor(x.numel(), self.q_max)
         return fake_quantize_per_tensor(x, scale, zero_point, 0, self.q_max, grad_factor)
 
