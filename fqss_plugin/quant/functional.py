@@ -56,11 +56,12 @@ class _PerTensorFakeQuantize(torch.autograd.Function):
     def forward(ctx, x, scale, zero_point, q_min, q_max, grad_factor):
         z = torch.clamp(torch.round(zero_point), q_min, q_max)
         inv_scale = 1.0 / scale
-        q = torch.round(x * inv_scale).add_(z)
+        q = (x * inv_scale).round_().add_(z)
         clamped = q.clamp(q_min, q_max)
         inside = clamped == q
         y = clamped.sub_(z).mul_(scale)
-        grad_scale = torch.where(inside, y - x, y).mul_(inv_scale) if ctx.needs_input_grad[1] else None
+        learn_range = grad_factor != 0.0 and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        grad_scale = torch.where(inside, y - x, y).mul_(inv_scale) if learn_range else None
         ctx.save_for_backward(inside, grad_scale, scale)
         ctx.grad_factor = grad_factor
         ctx.zero_point_shape = zero_point.shape
@@ -70,11 +71,10 @@ class _PerTensorFakeQuantize(torch.autograd.Function):
     def backward(ctx, grad):
         inside, grad_scale, scale = ctx.saved_tensors
         grad_x = torch.where(inside, grad, 0.0)
-        grad_s = grad_z = None
-        if ctx.needs_input_grad[1]:
-            grad_s = (grad * grad_scale).sum().reshape(scale.shape) * ctx.grad_factor
-        if ctx.needs_input_grad[2]:
-            grad_z = (-scale * (grad.sum() - grad_x.sum()) * ctx.grad_factor).reshape(ctx.zero_point_shape)
+        if grad_scale is None:       # range not learned (calibrating, or fixed): zero gradient
+            return grad_x, torch.zeros_like(scale), scale.new_zeros(ctx.zero_point_shape), None, None, None
+        grad_s = torch.dot(grad.reshape(-1), grad_scale.reshape(-1)).reshape(scale.shape) * ctx.grad_factor
+        grad_z = (-scale * (grad.sum() - grad_x.sum()) * ctx.grad_factor).reshape(ctx.zero_point_shape)
         return grad_x, grad_s, grad_z, None, None, None
 
 

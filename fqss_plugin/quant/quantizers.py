@@ -146,7 +146,7 @@ class ActivationQuantizer(nn.Module):
             # parameter used and needs no find_unused_parameters.
             scale = scale.detach() + 0.0 * self.log_scale
             zero_point = zero_point.detach() + 0.0 * self.zero_point
-        grad_factor = lsq_grad_factor(x.numel(), self.q_max)
+        grad_factor = 0.0 if self.calibrating else lsq_grad_factor(x.numel(), self.q_max)
         return fake_quantize_per_tensor(x, scale, zero_point, 0, self.q_max, grad_factor)
 
     def extra_repr(self) -> str:
