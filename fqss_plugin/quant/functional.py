@@ -48,8 +48,9 @@ class _PerTensorFakeQuantize(torch.autograd.Function):
     The forward pass is written with plain tensor ops in the exact order of the
     ``torch.fake_quantize_per_tensor_affine`` kernel (``round(x * (1/s)) + z``, clamp,
     ``(q - z) * s`` in float32), so it is bit-identical to it (tested) while being several
-    times faster on CPU and caching what the backward pass needs: the in-range mask and
-    ``∂y/∂s`` (which equals ``(y - x)/s`` inside the range and ``y/s`` outside).
+    times faster on CPU. It keeps what the backward pass needs as float tensors (arithmetic on
+    float masks is much faster than on bool ones): ``outside`` (1 where clipped, from the integer
+    codes: ``min(|q - clamp(q)|, 1)``) and ``d = y - x·(1 - outside)``, so that ``∂y/∂s = d/s``.
     """
 
     @staticmethod
@@ -58,23 +59,24 @@ class _PerTensorFakeQuantize(torch.autograd.Function):
         inv_scale = 1.0 / scale
         q = (x * inv_scale).round_().add_(z)
         clamped = q.clamp(q_min, q_max)
-        inside = clamped == q
+        outside = q.sub_(clamped).abs_().clamp_(max=1.0)
         y = clamped.sub_(z).mul_(scale)
         learn_range = grad_factor != 0.0 and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
-        grad_scale = torch.where(inside, y - x, y).mul_(inv_scale) if learn_range else None
-        ctx.save_for_backward(inside, grad_scale, scale)
+        d = (y - x).addcmul_(x, outside) if learn_range else None
+        ctx.save_for_backward(outside, d, scale, inv_scale)
         ctx.grad_factor = grad_factor
         ctx.zero_point_shape = zero_point.shape
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        inside, grad_scale, scale = ctx.saved_tensors
-        grad_x = torch.where(inside, grad, 0.0)
-        if grad_scale is None:       # range not learned (calibrating, or fixed): zero gradient
+        outside, d, scale, inv_scale = ctx.saved_tensors
+        grad_x = torch.addcmul(grad, grad, outside, value=-1.0)
+        if d is None:               # range not learned (calibrating, or fixed): zero gradient
             return grad_x, torch.zeros_like(scale), scale.new_zeros(ctx.zero_point_shape), None, None, None
-        grad_s = torch.dot(grad.reshape(-1), grad_scale.reshape(-1)).reshape(scale.shape) * ctx.grad_factor
-        grad_z = (-scale * (grad.sum() - grad_x.sum()) * ctx.grad_factor).reshape(ctx.zero_point_shape)
+        flat_grad = grad.reshape(-1)
+        grad_s = (torch.dot(flat_grad, d.reshape(-1)) * inv_scale * ctx.grad_factor).reshape(scale.shape)
+        grad_z = (-scale * torch.dot(flat_grad, outside.reshape(-1)) * ctx.grad_factor).reshape(ctx.zero_point_shape)
         return grad_x, grad_s, grad_z, None, None, None
 
 
