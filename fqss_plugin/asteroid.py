@@ -1,14 +1,18 @@
 """Asteroid adapter: quantized wrappers for Asteroid's own modules.
 
 Importing this module registers wrappers so that :func:`fqss_plugin.prepare` fully covers
-Asteroid's ``ConvTasNet`` (and every ``BaseEncoderMaskerDecoder`` built from the same parts):
+Asteroid's ``ConvTasNet`` and ``DPTNet`` (and every ``BaseEncoderMaskerDecoder`` built from the
+same parts):
 
 * the filterbank ``Encoder``/``Decoder`` of ``asteroid_filterbanks`` (an ``F.conv1d`` /
   ``F.conv_transpose1d`` on the filterbank's parameter): quantized filters, input splitter on the
   encoder, output combiner on the decoder. The decoder also quantizes its *input*: that is the
   output of the model's mask multiplication (``est_masks * tf_rep``), which has no module;
 * ``GlobLN`` / ``ChanLN``: output quantized, statistics and affine in float like ``GroupNorm``;
-* ``TDConvNet``: the residual and skip-connection sums of its forward pass become ``QAdd``.
+* ``TDConvNet``: the residual and skip-connection sums of its forward pass become ``QAdd``;
+* DPTNet's ``ImprovedTransformedLayer`` (its two residual sums) and ``DPTransformer`` (the
+  overlap-add ``fold`` and the ``tanh x sigmoid`` gate); attention and LSTM internals are quantized
+  by the core's ``QMultiheadAttention`` and ``QLSTM``.
 
 Use :func:`prepare_model` (``prepare`` with the encoder/decoder names of Asteroid models).
 """
@@ -21,6 +25,7 @@ import torch
 from asteroid import models as asteroid_models
 from asteroid.engine.system import System
 from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
+from asteroid.masknn.attention import DPTransformer, ImprovedTransformedLayer
 from asteroid.masknn.convolutional import TDConvNet
 from asteroid.masknn.norms import ChanLN, GlobLN
 from asteroid_filterbanks.enc_dec import Decoder, Encoder, multishape_conv1d, multishape_conv_transpose1d
@@ -31,7 +36,8 @@ from torch.torch_version import TorchVersion
 
 from .loss import FQSSLoss
 from .quant import QuantConfig, calibration_step, freeze, prepare, register
-from .quant.layers import NORM_INTERNALS, Add, OutputQuantized, QAdd, QuantizedLayer, QuantizedModule, activation_quantizer
+from .quant.layers import (NORM_INTERNALS, Add, Mul, OutputQuantized, QAdd, QMul, QuantizedLayer, QuantizedModule,
+                           activation_quantizer)
 
 
 class QGlobLN(OutputQuantized, GlobLN):
@@ -114,8 +120,51 @@ class QTDConvNet(QuantizedModule, TDConvNet):
         return self.output_act(score)
 
 
+class QImprovedTransformedLayer(QuantizedModule, ImprovedTransformedLayer):
+    """DPTNet's transformer layer (attention, then a BiLSTM feed-forward) with quantized residual sums.
+
+    Attention and LSTM are :class:`~fqss_plugin.quant.QMultiheadAttention` /
+    :class:`~fqss_plugin.quant.QLSTM` through the registry; this wrapper adds the two sums.
+    """
+
+    def _init_quantization(self, config: QuantConfig) -> None:
+        self.attention_residual = QAdd.convert_(Add(), config)
+        self.feedforward_residual = QAdd.convert_(Add(), config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tomha = x.permute(2, 0, 1)
+        out = self.mha(tomha, tomha, tomha)[0]
+        x = self.norm_mha(self.attention_residual(self.dropout(out.permute(1, 2, 0)), x))
+        out = self.linear(self.dropout(self.activation(self.recurrent(x.transpose(1, -1))[0])))
+        return self.norm_ff(self.feedforward_residual(self.dropout(out.transpose(1, -1)), x))
+
+
+class QDPTransformer(QuantizedModule, DPTransformer):
+    """DPTNet's masker with a quantized overlap-add (``fold``) and a quantized ``tanh x sigmoid`` gate."""
+
+    def _init_quantization(self, config: QuantConfig) -> None:
+        self.overlap_add_quantizer = activation_quantizer(config)
+        self.gate = QMul.convert_(Mul(), config)
+
+    def forward(self, mixture_w: torch.Tensor) -> torch.Tensor:
+        if self.input_layer is not None:
+            mixture_w = self.input_layer(mixture_w.transpose(1, 2)).transpose(1, 2)
+        mixture_w = self.in_norm(mixture_w)
+        n_orig_frames = mixture_w.shape[-1]
+        mixture_w = self.ola.unfold(mixture_w)
+        batch, _, chunk_size, n_chunks = mixture_w.size()
+        for intra, inter in self.layers:
+            mixture_w = self.ola.inter_process(self.ola.intra_process(mixture_w, intra), inter)
+        output = self.first_out(mixture_w)
+        output = output.reshape(batch * self.n_src, self.in_chan, chunk_size, n_chunks)
+        output = self.overlap_add_quantizer(self.ola.fold(output, output_size=n_orig_frames))
+        output = self.gate(self.net_out(output), self.net_gate(output))
+        return self.output_act(output.reshape(batch, self.n_src, self.in_chan, -1))
+
+
 for _float_type, _wrapper in [(GlobLN, QGlobLN), (ChanLN, QChanLN), (Encoder, QFilterbankEncoder),
-                              (Decoder, QFilterbankDecoder), (TDConvNet, QTDConvNet)]:
+                              (Decoder, QFilterbankDecoder), (TDConvNet, QTDConvNet),
+                              (ImprovedTransformedLayer, QImprovedTransformedLayer), (DPTransformer, QDPTransformer)]:
     register(_float_type, _wrapper)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +42,6 @@ from .quant import QuantConfig
 
 MODES = ("float", "vanilla", "fqss")
 METRICS = ["si_sdr", "sdr", "stoi"]
-log = logging.getLogger("fqss.recipe")
 
 
 class RecipeError(ValueError):
@@ -219,3 +218,30 @@ def evaluate(conf: dict, model_path: str | Path | None = None, out_dir: str | Pa
     with open(out / "final_metrics.json", "w") as handle:
         json.dump(final, handle, indent=2)
     return final
+
+
+def _conf_from_argv(argv: list[str]) -> dict:
+    conf_path = argv[argv.index("--conf") + 1] if "--conf" in argv else "conf/fqss.yml"
+    conf = parse_conf(conf_path, argv)
+    conf["main_args"]["exp_dir"] = conf["main_args"]["exp_dir"] or f"exp/{conf['quant']['mode']}"
+    return conf
+
+
+def run_train(build_float: Callable[[dict], nn.Module], argv: list[str] | None = None) -> int:
+    """A recipe's ``train.py`` main: parse ``--conf`` + flags, train, report errors in one line."""
+    try:
+        print(f"best model: {train(_conf_from_argv(sys.argv[1:] if argv is None else argv), build_float)}")
+    except (RecipeError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_eval(argv: list[str] | None = None) -> int:
+    """A recipe's ``eval.py`` main: evaluate ``<exp_dir>/best_model.pth`` on the test split."""
+    try:
+        print(json.dumps(evaluate(_conf_from_argv(sys.argv[1:] if argv is None else argv)), indent=2))
+    except (RecipeError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0

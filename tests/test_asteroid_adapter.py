@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from asteroid.models import ConvTasNet
+from asteroid.models import ConvTasNet, DPTNet
 
 import fqss_plugin as fq
 from fqss_plugin.asteroid import QFilterbankDecoder, QFilterbankEncoder, prepare_model
@@ -40,3 +40,31 @@ def test_convtasnet_at_16_bits_matches_float_and_keeps_asteroid_serialisation():
     assert package["model_name"] == "ConvTasNet"
     missing, unexpected = model.load_state_dict(float_model.state_dict(), strict=False)
     assert unexpected == [] and all("quantizer" in k or "input_splitter" in k for k in missing)
+
+
+def tiny_dptnet():
+    return DPTNet(n_src=2, n_filters=16, kernel_size=16, stride=8, n_heads=2, ff_hid=16, chunk_size=20, hop_size=10,
+                  n_repeats=1, bn_chan=16, in_chan=16)
+
+
+def test_dptnet_is_fully_quantized_including_attention_and_lstm_internals():
+    model = prepare_model(tiny_dptnet(), fq.QuantConfig.fqss())
+    report = fq.coverage_report(model, speech_like(batch=2, length=2000))
+    assert report.fully_quantized, str(report)
+    points = report.points()
+    for point in ("masker.overlap_add_quantizer", "masker.gate.output_quantizer",
+                  "masker.layers.0.0.attention_residual.output_quantizer",
+                  "masker.layers.0.1.feedforward_residual.output_quantizer"):
+        assert point in points, point
+    assert sum(".recurrent." in p for p in points) >= 2 * 12 and sum(".mha." in p for p in points) >= 2 * 8
+
+
+def test_dptnet_at_16_bits_matches_float():
+    float_model = tiny_dptnet().eval()
+    model = prepare_model(copy.deepcopy(float_model), fq.QuantConfig.fqss(weight_bits=16, act_bits=16))
+    x = speech_like(batch=2, length=2000)
+    with torch.no_grad():
+        model(x)
+        fq.calibration_step(model)
+        estimate, reference = model.eval()(x), float_model(x)
+    assert float((estimate - reference).norm() / reference.norm()) < 1e-3

@@ -1,4 +1,5 @@
 """The Asteroid LibriMix ConvTasNet recipe end to end on tiny generated data (debug-sized)."""
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,15 +13,23 @@ from fqss_plugin.quant import ActivationQuantizer
 from fqss_plugin.asteroid_recipe import RecipeError, evaluate, load_model, make_dataset, parse_conf, train
 from fqss_plugin.data.speech import SpeechConfig, generate_speech
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "LibriMix" / "ConvTasNet"
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "LibriMix"
+RECIPE = RECIPES / "ConvTasNet"
 TINY_MODEL = ["--n_filters", "16", "--kernel_size", "16", "--stride", "8", "--bn_chan", "8", "--hid_chan", "16",
               "--skip_chan", "8", "--n_blocks", "2", "--n_repeats", "1"]
+TINY_DPTNET = ["--n_filters", "16", "--kernel_size", "16", "--stride", "8", "--in_chan", "16", "--bn_chan", "16",
+               "--n_heads", "2", "--ff_hid", "8", "--chunk_size", "20", "--hop_size", "10", "--n_repeats", "1"]
 
 
-def build_float_model(conf):
-    from asteroid.models import ConvTasNet
-    return ConvTasNet(n_src=conf["data"]["n_src"], sample_rate=conf["data"]["sample_rate"], **conf["filterbank"],
-                      **conf["masknet"])
+def recipe_train_module(name: str):
+    """The recipe's own ``train.py`` (its ``build_float_model``)."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}_train", RECIPES / name / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_float_model = recipe_train_module("ConvTasNet").build_float_model
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +40,11 @@ def data_dir(tmp_path_factory) -> Path:
     return root / "data"
 
 
-def conf_for(mode: str, data_dir: Path, exp_dir: Path, *extra: str) -> dict:
+def conf_for(mode: str, data_dir: Path, exp_dir: Path, *extra: str, recipe: str = "ConvTasNet") -> dict:
+    model = TINY_MODEL if recipe == "ConvTasNet" else TINY_DPTNET
     argv = ["--exp_dir", str(exp_dir), "--data_dir", str(data_dir), "--epochs", "1", "--segment", "1.0",
-            "--batch_size", "2", "--progress_bar", "false", "--calib_steps", "1", *TINY_MODEL, *extra]
-    return parse_conf(RECIPE / "conf" / f"{mode}.yml", argv)
+            "--batch_size", "2", "--progress_bar", "false", "--calib_steps", "1", *model, *extra]
+    return parse_conf(RECIPES / recipe / "conf" / f"{mode}.yml", argv)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +70,16 @@ def test_qat_runs_from_a_local_teacher_and_writes_asteroid_outputs(mode, data_di
     assert set(metrics) >= {"si_sdr", "si_sdr_imp", "sdr", "sdr_imp", "stoi"}
     assert json.loads((exp / "eval" / "final_metrics.json").read_text()) == metrics
     assert all(v == v for v in metrics.values())     # no NaN
+
+
+def test_dptnet_recipe_trains_a_teacher_then_fqss(data_dir, tmp_path):
+    build = recipe_train_module("DPTNet").build_float_model
+    teacher = train(conf_for("float", data_dir, tmp_path / "float", recipe="DPTNet"), build)
+    conf = conf_for("fqss", data_dir, tmp_path / "fqss", "--pretrained", str(teacher.parent), recipe="DPTNet")
+    model = load_model(train(conf, build))
+    assert type(model.masker.layers[0][0].recurrent).__name__ == "QLSTM"
+    assert type(model.masker.layers[0][0].mha).__name__ == "QMultiheadAttention"
+    assert set(evaluate(conf, metrics=["si_sdr"])) == {"si_sdr", "si_sdr_imp"}
 
 
 def test_teacher_loads_from_a_preseeded_hub_cache_offline(float_exp, tmp_path, monkeypatch):

@@ -49,6 +49,9 @@ FILL_OPS = frozenset({"masked_fill"})
 """Ops that overwrite selected entries with a constant: they keep their input's state when the
 constant is 0 (on every grid) or +-inf (a position excluded from a softmax: a masked softmax)."""
 
+SCALING_OPS = frozenset({"mul", "div", "true_divide", "__mul__", "__rmul__", "__truediv__", "__imul__",
+                         "__itruediv__"})
+
 CREATION_OPS = frozenset({"zeros", "zeros_like", "ones", "ones_like", "full", "full_like", "arange", "empty",
                           "empty_like", "new_zeros", "new_ones", "new_full", "new_empty", "tensor", "eye"})
 
@@ -192,7 +195,8 @@ class _FloatOpTracer(TorchFunctionMode):
             self.mark(outputs, None)
             return out
         known = [self.state[id(t)][1] for t in inputs if id(t) in self.state]
-        if op in SHAPE_OPS or (op in FILL_OPS and _fills_grid_constant(args, kwargs)):
+        if (op in SHAPE_OPS or (op in FILL_OPS and _fills_grid_constant(args, kwargs))
+                or _scales_by_a_constant(op, args, inputs)):
             pending = [label for label in known if label is not None]
             self.mark(outputs, pending[0] if pending else None)
             return out
@@ -212,6 +216,13 @@ def _fills_grid_constant(args, kwargs) -> bool:
     """``masked_fill(x, mask, value)`` with a Python ``value`` of 0 or +-inf."""
     value = args[2] if len(args) > 2 else kwargs.get("value")
     return isinstance(value, (int, float)) and (value == 0 or math.isinf(value))
+
+
+def _scales_by_a_constant(op: str, args: tuple, inputs: list[torch.Tensor]) -> bool:
+    """``x * c`` or ``x / c`` with a Python number ``c``: a change of scale, free on integer engines
+    (folded into the requantization), so the result keeps the state of ``x``."""
+    return (op in SCALING_OPS and len(inputs) == 1 and len(args) == 2
+            and any(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args))
 
 
 def _op_name(func) -> str:

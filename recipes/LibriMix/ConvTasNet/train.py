@@ -10,7 +10,7 @@ import sys
 
 from asteroid.models import ConvTasNet
 
-from fqss_plugin.asteroid_recipe import RecipeError, parse_conf, train
+from fqss_plugin.asteroid_recipe import run_train
 
 
 def build_float_model(conf: dict) -> ConvTasNet:
@@ -19,10 +19,4 @@ def build_float_model(conf: dict) -> ConvTasNet:
 
 
 if __name__ == "__main__":
-    conf_path = sys.argv[sys.argv.index("--conf") + 1] if "--conf" in sys.argv else "conf/fqss.yml"
-    try:
-        conf = parse_conf(conf_path, sys.argv[1:])
-        conf["main_args"]["exp_dir"] = conf["main_args"]["exp_dir"] or f"exp/{conf['quant']['mode']}"
-        print(f"best model: {train(conf, build_float_model)}")
-    except (RecipeError, FileNotFoundError) as error:
-        sys.exit(f"error: {error}")
+    sys.exit(run_train(build_float_model))
