@@ -6,6 +6,8 @@
 4. score all three on the same test mixtures and print the table with *paired* deltas
    (quantized - float on the same mixture) and their 95 % confidence intervals;
 5. write ``demo_results/results.json`` and ``demo_results/per_mixture.png``.
+
+``benchmarks/paper_table.py`` runs the same :func:`compare` with longer budgets.
 """
 from __future__ import annotations
 
@@ -23,8 +25,7 @@ from .asteroid_recipe import RecipeError, load_model, parse_conf, score_test_set
 from .data.speech import SpeechConfig, generate_speech
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "recipes" / "LibriMix" / "ConvTasNet"
-TEACHER = RECIPE / "pretrained" / "embedded_float"
+TEACHER = REPO / "recipes" / "LibriMix" / "ConvTasNet" / "pretrained" / "embedded_float"
 MODELS = ("float", "vanilla", "fqss")
 LABELS = {"float": "Float", "vanilla": "Vanilla QAT 8-bit", "fqss": "FQSS 8-bit"}
 
@@ -60,41 +61,27 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=REPO / "data" / "librimix", help="embedded data directory")
-    parser.add_argument("--teacher", default=str(TEACHER), help="float teacher: directory, file or hub id")
-    parser.add_argument("--out", type=Path, default=REPO / "demo_results")
-    parser.add_argument("--epochs", type=int, default=2, help="QAT epochs for each of vanilla and FQSS")
-    parser.add_argument("--limit_train_batches", type=float, default=1.0)
-    args = parser.parse_args(argv)
+def compare(recipe: str, teacher: str, data: Path, out: Path, epochs: int, limit_train_batches: float = 1.0,
+            extra_flags: tuple[str, ...] = ()) -> dict:
+    """Vanilla and FQSS QAT of ``teacher`` with ``recipes/LibriMix/<recipe>``, scored with the float
+    teacher on the same test mixtures: per-mixture SI-SDRi and paired deltas with 95 % CIs."""
     start = time.time()
-    try:
-        if not (args.data / "data" / "wav8k" / "min" / "test").is_dir():
-            print(f"[1/4] generating the embedded Libri2Mix in {args.data}")
-            generate_speech(SpeechConfig(out=args.data))
-        else:
-            print(f"[1/4] embedded Libri2Mix found in {args.data}")
-        common = ["--data_dir", str(args.data / "data"), "--pretrained", args.teacher, "--epochs", str(args.epochs),
-                  "--limit_train_batches", str(args.limit_train_batches)]
-        rows = {}
-        conf = None
-        for step, mode in enumerate(("vanilla", "fqss"), start=2):
-            print(f"[{step}/4] {LABELS[mode]}: QAT from the float teacher {args.teacher}")
-            conf = parse_conf(RECIPE / "conf" / f"{mode}.yml", ["--exp_dir", str(args.out / mode), *common])
-            train(conf, build_float=None)
-        print("[4/4] scoring float, vanilla and FQSS on the same test mixtures")
-        models = {"float": args.teacher, "vanilla": args.out / "vanilla" / "best_model.pth",
-                  "fqss": args.out / "fqss" / "best_model.pth"}
-        for name, source in models.items():
-            rows[name] = score_test_set(load_model(source), conf, metrics=["si_sdr"], desc=LABELS[name])
-    except (RecipeError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-
+    recipe_dir = REPO / "recipes" / "LibriMix" / recipe
+    common = ["--data_dir", str(data / "data"), "--pretrained", teacher, "--epochs", str(epochs),
+              "--limit_train_batches", str(limit_train_batches), *extra_flags]
+    conf = None
+    for mode in ("vanilla", "fqss"):
+        print(f"-- {recipe}, {LABELS[mode]}: QAT from the float teacher {teacher}")
+        conf = parse_conf(recipe_dir / "conf" / f"{mode}.yml", ["--exp_dir", str(out / mode), *common])
+        train(conf, build_float=None)
+    print(f"-- {recipe}: scoring float, vanilla and FQSS on the same test mixtures")
+    sources = {"float": teacher, "vanilla": out / "vanilla" / "best_model.pth", "fqss": out / "fqss" / "best_model.pth"}
+    rows = {name: score_test_set(load_model(source), conf, metrics=["si_sdr"], desc=LABELS[name])
+            for name, source in sources.items()}
     per_mixture = {name: si_sdri(r) for name, r in rows.items()}
     results = {
-        "teacher": args.teacher, "test_mixtures": len(per_mixture["float"]), "qat_epochs": args.epochs,
+        "recipe": recipe, "teacher": teacher, "test_mixtures": len(per_mixture["float"]), "qat_epochs": epochs,
+        "limit_train_batches": limit_train_batches,
         "si_sdri_mean": {name: float(torch.tensor(v).mean()) for name, v in per_mixture.items()},
         "delta_vs_float": {},
         "per_mixture_si_sdri": per_mixture,
@@ -106,19 +93,46 @@ def main(argv: list[str] | None = None) -> int:
     mean, half = paired_delta(per_mixture["fqss"], per_mixture["vanilla"])
     results["fqss_minus_vanilla"] = {"mean": mean, "ci95": half}
     results["wall_time_s"] = time.time() - start
+    return results
 
+
+def format_table(results: list[dict]) -> str:
+    """The paper's table shape: Float | Vanilla QAT 8-bit | FQSS 8-bit, with paired deltas."""
+    lines = ["| model | Float SI-SDRi | Vanilla QAT 8-bit | FQSS 8-bit | vanilla - float (95% CI) | "
+             "FQSS - float (95% CI) | FQSS - vanilla (95% CI) |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        m, d, fv = r["si_sdri_mean"], r["delta_vs_float"], r["fqss_minus_vanilla"]
+        lines.append(f"| {r['recipe']} | {m['float']:.2f} | {m['vanilla']:.2f} | {m['fqss']:.2f} | "
+                     f"{d['vanilla']['mean']:+.3f} ± {d['vanilla']['ci95']:.3f} | {d['fqss']['mean']:+.3f} ± "
+                     f"{d['fqss']['ci95']:.3f} | {fv['mean']:+.3f} ± {fv['ci95']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "librimix", help="embedded data directory")
+    parser.add_argument("--teacher", default=str(TEACHER), help="float teacher: directory, file or hub id")
+    parser.add_argument("--out", type=Path, default=REPO / "demo_results")
+    parser.add_argument("--epochs", type=int, default=2, help="QAT epochs for each of vanilla and FQSS")
+    parser.add_argument("--limit_train_batches", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    start = time.time()
+    try:
+        if not (args.data / "data" / "wav8k" / "min" / "test").is_dir():
+            print(f"generating the embedded Libri2Mix in {args.data}")
+            generate_speech(SpeechConfig(out=args.data))
+        results = compare("ConvTasNet", args.teacher, args.data, args.out, args.epochs, args.limit_train_batches)
+    except (RecipeError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    results["wall_time_s"] = time.time() - start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, args.out / "per_mixture.png")
-    means, deltas = results["si_sdri_mean"], results["delta_vs_float"]
     print(f"\nSI-SDRi on the embedded test split ({results['test_mixtures']} mixtures; synthetic voices, "
-          "not LibriMix numbers)\n")
-    print("| | Float | Vanilla QAT 8-bit | FQSS 8-bit |\n|---|---|---|---|")
-    print(f"| SI-SDRi (dB) | {means['float']:.2f} | {means['vanilla']:.2f} | {means['fqss']:.2f} |")
-    print("| paired delta vs float (95% CI) | - | "
-          + " | ".join(f"{deltas[n]['mean']:+.3f} ± {deltas[n]['ci95']:.3f}" for n in ("vanilla", "fqss")) + " |")
-    print(f"\nFQSS - vanilla: {results['fqss_minus_vanilla']['mean']:+.3f} ± {results['fqss_minus_vanilla']['ci95']:.3f} dB"
-          f"\nwrote {args.out / 'results.json'} and {args.out / 'per_mixture.png'}; "
+          "not LibriMix numbers), paired deltas per mixture:\n")
+    print(format_table([results]))
+    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'per_mixture.png'}; "
           f"wall time {results['wall_time_s'] / 60:.1f} min")
     return 0
 

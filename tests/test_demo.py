@@ -23,7 +23,7 @@ def test_demo_runs_end_to_end_on_tiny_data(tmp_path, capsys):
     assert main(["--data", str(tmp_path / "data"), "--teacher", str(teacher), "--out", str(tmp_path / "out"),
                  "--epochs", "1", "--limit_train_batches", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "| | Float | Vanilla QAT 8-bit | FQSS 8-bit |" in printed
+    assert "| model | Float SI-SDRi | Vanilla QAT 8-bit | FQSS 8-bit |" in printed
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["test_mixtures"] == len(results["per_mixture_si_sdri"]["fqss"]) == 3
     assert set(results["delta_vs_float"]) == {"vanilla", "fqss"}
