@@ -160,15 +160,26 @@ def train(conf: dict, build_float: Callable[[dict], nn.Module]) -> Path:
 
     with open(exp_dir / "best_k_models.json", "w") as handle:
         json.dump({k: float(v) for k, v in checkpoint.best_k_models.items()}, handle, indent=0)
-    best = checkpoint.best_model_path or str(last)
-    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-    system.load_state_dict(state)
-    infos = {"seed": seed, "training_mode": mode, "pretrained": conf["main_args"]["pretrained"]}
+    return write_best_model(conf, system.model, checkpoint.best_model_path or str(last))
+
+
+def write_best_model(conf: dict, model: nn.Module, checkpoint: str | Path) -> Path:
+    """Load a Lightning checkpoint's weights into ``model`` and write ``<exp_dir>/best_model.pth``.
+
+    Also the way to package a float teacher from a run that is still going (or was interrupted):
+    ``write_best_model(conf, build_float_model(conf), "exp/float/checkpoints/last.ckpt")``.
+    """
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    mode = conf["quant"]["mode"]
+    infos = {"seed": conf["training"]["seed"], "training_mode": mode, "pretrained": conf["main_args"]["pretrained"],
+             "checkpoint": Path(checkpoint).name}
+    path = Path(conf["main_args"]["exp_dir"]) / "best_model.pth"
     if mode == "float":
-        package = system.model.serialize()
+        package = model.serialize()
         package["infos"] = {**{k: str(v) for k, v in package["infos"].items()}, **infos}
-        return atomic_save(package, exp_dir / "best_model.pth")
-    return save_quantized_model(system.model, exp_dir / "best_model.pth", quant_config(conf), infos)
+        return atomic_save(package, path)
+    return save_quantized_model(model, path, quant_config(conf), infos)
 
 
 def load_model(path: str | Path) -> nn.Module:
