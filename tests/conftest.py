@@ -25,3 +25,38 @@ def speech_like(batch: int = 2, length: int = 16000, sample_rate: int = 8000, se
 
 def snr_db(estimate: torch.Tensor, reference: torch.Tensor) -> float:
     return float(10 * torch.log10(reference.pow(2).sum() / (reference - estimate).pow(2).sum()))
+
+
+@pytest.fixture
+def one_thread():
+    """For tests of many small ops: on a shared CPU one intra-op thread is faster and steadier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((estimate - reference).norm() / reference.norm())
+
+
+def assert_freeze_is_bit_exact(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """``freeze`` leaves the eval output bit-identical and no learnable quantizer parameter behind."""
+    import fqss_plugin as fq
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        fq.freeze(model)
+        after = model(x)
+    assert torch.equal(before, after)
+    assert not any("quantizer" in name for name, _ in model.named_parameters())
+
+
+@torch.no_grad()
+def error_after_one_calibration_step(float_model: torch.nn.Module, quantized: torch.nn.Module,
+                                     x: torch.Tensor) -> float:
+    """Calibrate ``quantized`` on ``x`` for one step, then its relative error to ``float_model`` in eval mode."""
+    import fqss_plugin as fq
+    quantized.train()(x)
+    fq.calibration_step(quantized)
+    return relative_error(quantized.eval()(x), float_model.eval()(x))

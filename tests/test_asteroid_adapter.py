@@ -2,12 +2,11 @@
 import copy
 
 import pytest
-import torch
 from asteroid.models import ConvTasNet, DPTNet
 
 import fqss_plugin as fq
 from fqss_plugin.asteroid import QFilterbankDecoder, QFilterbankEncoder, prepare_model
-from tests.conftest import speech_like
+from tests.conftest import error_after_one_calibration_step, speech_like
 
 
 def tiny_convtasnet():
@@ -30,12 +29,7 @@ def test_convtasnet_is_fully_quantized(preset):
 def test_convtasnet_at_16_bits_matches_float_and_keeps_asteroid_serialisation():
     float_model = tiny_convtasnet().eval()
     model = prepare_model(copy.deepcopy(float_model), fq.QuantConfig.fqss(weight_bits=16, act_bits=16))
-    x = speech_like(batch=2, length=3000)
-    with torch.no_grad():
-        model(x)
-        fq.calibration_step(model)
-        estimate, reference = model.eval()(x), float_model(x)
-    assert float((estimate - reference).norm() / reference.norm()) < 1e-3
+    assert error_after_one_calibration_step(float_model, model, speech_like(batch=2, length=3000)) < 1e-3
     package = model.serialize()
     assert package["model_name"] == "ConvTasNet"
     missing, unexpected = model.load_state_dict(float_model.state_dict(), strict=False)
@@ -62,9 +56,4 @@ def test_dptnet_is_fully_quantized_including_attention_and_lstm_internals():
 def test_dptnet_at_16_bits_matches_float():
     float_model = tiny_dptnet().eval()
     model = prepare_model(copy.deepcopy(float_model), fq.QuantConfig.fqss(weight_bits=16, act_bits=16))
-    x = speech_like(batch=2, length=2000)
-    with torch.no_grad():
-        model(x)
-        fq.calibration_step(model)
-        estimate, reference = model.eval()(x), float_model(x)
-    assert float((estimate - reference).norm() / reference.norm()) < 1e-3
+    assert error_after_one_calibration_step(float_model, model, speech_like(batch=2, length=2000)) < 1e-3

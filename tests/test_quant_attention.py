@@ -10,22 +10,13 @@ from torch import nn
 import fqss_plugin as fq
 from fqss_plugin.quant import QMultiheadAttention, calibration_step
 from fqss_plugin.quant.attention import ACTIVATION_POINTS, QOutProjection
+from tests.conftest import assert_freeze_is_bit_exact, relative_error
 
 W16A16 = fq.QuantConfig.vanilla(weight_bits=16, act_bits=16)
 E, H, L, S, N = 16, 4, 7, 9, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many small ops: on a shared CPU one intra-op thread is faster and steadier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def relative_error(estimate, reference):
-    return float((estimate - reference).norm() / reference.norm())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def compare_at_16_bits(module, args, kwargs=None):
@@ -231,13 +222,7 @@ def test_qmha_trains_with_dropout_then_freezes_bit_exactly():
     assert mha.in_proj_weight.grad.abs().sum() > 0 and mha.out_proj.weight.grad.abs().sum() > 0
     assert mha.logits_quantizer.log_scale.grad is not None and mha.softmax_quantizer.log_scale.grad is not None
     assert mha.in_proj_weight_quantizer.log_scale.grad.abs().sum() > 0
-    model.eval()
-    with torch.no_grad():
-        before = model(x)
-        fq.freeze(model)
-        after = model(x)
-    assert torch.equal(before, after)
-    assert not any("quantizer" in name for name, _ in model.named_parameters())
+    assert_freeze_is_bit_exact(model, x)
 
 
 def test_unsupported_options_raise_before_touching_the_module():

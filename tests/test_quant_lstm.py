@@ -10,21 +10,12 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fqss_plugin as fq
 from fqss_plugin.quant import QLSTM, QMultiheadAttention, calibration_step
 from fqss_plugin.quant.recurrent import ACTIVATION_POINTS
+from tests.conftest import assert_freeze_is_bit_exact, relative_error
 
 W16A16 = fq.QuantConfig.vanilla(weight_bits=16, act_bits=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many small ops: on a shared CPU one intra-op thread is faster and steadier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def relative_error(estimate, reference):
-    return float((estimate - reference).norm() / reference.norm())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def calibrated(module, *args, config=W16A16):
@@ -147,13 +138,7 @@ def test_qlstm_trains_then_freezes_bit_exactly():
     assert lstm.weight_hh_l1_reverse.grad.abs().sum() > 0
     assert lstm.quantizers["l1_reverse"].cell_quantizer.log_scale.grad is not None
     assert lstm.quantizers["l0"].weight_ih_quantizer.log_scale.grad.abs().sum() > 0
-    model.eval()
-    with torch.no_grad():
-        before = model(x)
-        fq.freeze(model)
-        after = model(x)
-    assert torch.equal(before, after)
-    assert not any("quantizer" in name for name, _ in model.named_parameters())
+    assert_freeze_is_bit_exact(model, x)
 
 
 def test_qlstm_rejects_what_it_does_not_support():

@@ -8,7 +8,7 @@ from torch import nn
 import fqss_plugin as fq
 from fqss_plugin.quant import QuantizedModule, calibration_step
 from fqss_plugin.quant.layers import QConv1d, QConvTranspose1d
-from tests.conftest import speech_like
+from tests.conftest import assert_freeze_is_bit_exact, error_after_one_calibration_step, speech_like
 from tests.toy_models import ToySeparator
 
 QUANTIZER_KEYS = ("_quantizer", "input_splitter", "output_combiner")
@@ -19,20 +19,12 @@ def prepared(config=None, model=None):
     return fq.prepare(model, config or fq.QuantConfig.fqss(), encoder="encoder", decoder="decoder")
 
 
-def relative_error(estimate, reference):
-    return float((estimate - reference).norm() / reference.norm())
-
-
 @pytest.mark.parametrize("preset", ["fqss", "vanilla"])
 def test_model_prepared_at_16_bits_matches_the_float_model(preset):
     float_model = ToySeparator().eval()
     quantized = prepared(getattr(fq.QuantConfig, preset)(weight_bits=16, act_bits=16),
                          copy.deepcopy(float_model))
-    x = speech_like(batch=3, length=4000)
-    with torch.no_grad():
-        quantized(x)                                 # one calibration step on this batch
-        calibration_step(quantized)
-        assert relative_error(quantized.eval()(x), float_model(x)) < 1e-3
+    assert error_after_one_calibration_step(float_model, quantized, speech_like(batch=3, length=4000)) < 1e-3
 
 
 def test_prepare_works_in_place_and_keeps_types_and_aliases():
@@ -93,13 +85,7 @@ def test_freeze_is_bit_exact_and_exportable_ops_only():
         optimizer.zero_grad()
         (model(x) - torch.stack([x, -x], 1)).pow(2).mean().backward()
         optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        before = model(x)
-        fq.freeze(model)
-        after = model(x)
-    assert torch.equal(before, after)
-    assert not any(isinstance(p, nn.Parameter) and "quantizer" in n for n, p in model.named_parameters())
+    assert_freeze_is_bit_exact(model, x)
     assert "encoder.output_quantizer.zero_point" in model.state_dict()
     assert model.state_dict()["encoder.output_quantizer.zero_point"].dtype == torch.int32
 
