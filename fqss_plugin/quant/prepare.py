@@ -44,7 +44,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, encoder: str | 
             raise ValueError(f"prepare: encoder={encoder!r} already has an input splitter/quantizer (prepared twice?)")
         if config.in_splits > 1:
             layer.input_splitter = InputSplitter(layer.weight, layer.weight_axis, config.act_bits, config.in_splits,
-                                                 config.weight_bits, signal_scale)
+                                                 config.weight_bits, signal_scale, config.learn_ranges)
         else:
             layer.input_quantizer = activation_quantizer(config)
     if decoder is not None:

@@ -103,7 +103,7 @@ class InputSplitter(nn.Module):
     float_internals = "per-example peak normalisation of the input: one float scalar per example"
 
     def __init__(self, weight: torch.Tensor, weight_axis: int, bits: int, splits: int, weight_bits: int,
-                 scale: SignalScale | None) -> None:
+                 scale: SignalScale | None, learnable: bool = True) -> None:
         super().__init__()
         if splits < 2:
             raise ValueError(f"InputSplitter needs at least 2 splits, got {splits}")
@@ -112,7 +112,8 @@ class InputSplitter(nn.Module):
         self.signal_scale = scale
         self.extra_weight = nn.Parameter(torch.zeros((splits - 1,) + tuple(weight.shape), dtype=weight.dtype))
         self.weight_quantizers = nn.ModuleList(
-            WeightQuantizer(weight.shape[weight_axis], weight_bits, axis=weight_axis) for _ in range(splits - 1))
+            WeightQuantizer(weight.shape[weight_axis], weight_bits, axis=weight_axis, learnable=learnable)
+            for _ in range(splits - 1))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
