@@ -12,6 +12,8 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-data": ("fqss_plugin.data.cli", "generate the embedded datasets (Libri2Mix / MUSDB18-HQ layouts)"),
+    "export": ("fqss_plugin.export.cli", "export a trained fqss model package to an int8 ONNX model (onnxruntime)"),
+    "separate": ("fqss_plugin.export.cli_separate", "separate wav files with an exported ONNX model (onnxruntime)"),
 }
 
 

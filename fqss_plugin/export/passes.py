@@ -1,0 +1,337 @@
+"""ONNX deploy passes: from the exporter's fake-quant QDQ graph to a compact int8 QDQ model.
+
+The legacy exporter writes every weight as a float initializer behind a QuantizeLinear, every
+bias in float, and leaves shape ops between a DequantizeLinear and the op that consumes it.
+onnxruntime fuses ``DQ -> op -> Q`` chains into integer kernels (QLinearConv, QLinearMul, ...)
+only when the DQ sits right in front of the op. The passes, each numerically exact or exactly
+what onnxruntime does itself:
+
+* :func:`fold_weight_quantizers` -- ``Q(constant)`` becomes an int8 initializer (computed with
+  torch's own fake-quant kernel, so the integers are the ones the torch model used);
+* :func:`fold_constant_reshapes` -- ``DQ(int8 constant) -> Reshape(constant shape)`` becomes a
+  DQ of the reshaped constant (per-tensor when all channel steps are equal);
+* :func:`quantize_biases` -- a Conv/MatMul-feeding bias becomes int32 with step ``s_x·s_w``
+  behind a DQ (the rounding integer kernels apply to a float bias anyway);
+* :func:`prelu_to_leakyrelu` -- a PReLU with one slope is a LeakyRelu (which has an int8 kernel);
+* :func:`requantize_before_integer_ops` -- ``DQ -> Reshape/Transpose/... -> op`` gets a copy of the
+  producer's Q/DQ right in front of the op (an identity: the values are on that grid);
+* :func:`remove_identities`, :func:`remove_dead` -- Identity nodes, unused nodes and initializers.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+SHAPE_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Slice", "Split", "Gather",
+             "Pad", "Tile", "Identity"}
+"""Ops that move values without changing them (Pad: with zeros, on every grid)."""
+
+INTEGER_CAPABLE = {"Conv": (0, 1), "MatMul": (0, 1), "Mul": (0, 1), "Add": (0, 1), "Sigmoid": (0,),
+                   "LeakyRelu": (0,), "Concat": None, "AveragePool": (0,), "Softmax": (0,)}
+"""Ops onnxruntime's CPU provider runs in int8 when DQ feeds the listed inputs (None: all)."""
+
+
+class Graph:
+    """Index of an ONNX graph: producers, consumers, constants."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.g = model.graph
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.init = {t.name: t for t in self.g.initializer}
+        self.producer = {o: n for n in self.g.node for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for n in self.g.node:
+            for i in n.input:
+                self.consumers[i].append(n)
+        self.outputs = {o.name for o in self.g.output}
+
+    def const(self, name: str) -> np.ndarray | None:
+        if name in self.init:
+            return numpy_helper.to_array(self.init[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Identity":
+            return self.const(node.input[0])
+        if node is not None and node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+        return None
+
+    def add_init(self, array: np.ndarray, name: str) -> str:
+        name = self.unique(name)
+        self.g.initializer.append(numpy_helper.from_array(array, name))
+        self.init[name] = self.g.initializer[-1]
+        return name
+
+    def unique(self, name: str) -> str:
+        taken = set(self.init) | set(self.producer) | {i.name for i in self.g.input}
+        base, k = name, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        return name
+
+    def replace_uses(self, old: str, new: str) -> None:
+        for n in self.consumers.get(old, []):
+            for k, i in enumerate(n.input):
+                if i == old:
+                    n.input[k] = new
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def remove_identities(model: onnx.ModelProto) -> int:
+    graph, removed = Graph(model), 0
+    for node in list(graph.g.node):
+        if node.op_type == "Identity" and node.output[0] not in graph.outputs:
+            graph.replace_uses(node.output[0], node.input[0])
+            graph.g.node.remove(node)
+            removed += 1
+    return removed
+
+
+def fold_weight_quantizers(model: onnx.ModelProto) -> int:
+    """``QuantizeLinear(constant)`` -> int8/uint8 initializer (the DQ behind it stays)."""
+    graph, folded = Graph(model), 0
+    for node in list(graph.g.node):
+        if node.op_type != "QuantizeLinear":
+            continue
+        x, scale = graph.const(node.input[0]), graph.const(node.input[1])
+        zero_point = graph.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
+        if x is None or scale is None or zero_point is None:
+            continue
+        codes = _quantize_like_torch(x, scale, zero_point, _attr(node, "axis", 1))
+        name = graph.add_init(codes, node.input[0].split("/")[-1] + "_int8")
+        graph.replace_uses(node.output[0], name)
+        graph.g.node.remove(node)
+        folded += 1
+    return folded
+
+
+def _quantize_like_torch(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int) -> np.ndarray:
+    """The integer codes torch's fake-quant kernels put ``x`` on (so DQ gives torch's values exactly)."""
+    info = np.iinfo(zero_point.dtype)
+    xt, st = torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(scale.astype(np.float32))
+    zt = torch.from_numpy(zero_point.astype(np.int32))
+    if scale.size > 1 or scale.ndim == 1 and x.ndim > 0 and scale.size == x.shape[axis % x.ndim]:
+        fq = torch.fake_quantize_per_channel_affine(xt, st.reshape(-1), zt.reshape(-1), axis % x.ndim, info.min, info.max)
+        shape = [1] * x.ndim
+        shape[axis % x.ndim] = -1
+        st, zt = st.reshape(shape), zt.reshape(shape)
+    else:
+        fq = torch.fake_quantize_per_tensor_affine(xt, float(st.reshape(-1)[0]), int(zt.reshape(-1)[0]), info.min,
+                                                   info.max)
+    return (torch.round(fq / st) + zt).clamp(info.min, info.max).numpy().astype(zero_point.dtype)
+
+
+def _dq_of_const(graph: Graph, name: str):
+    """(DQ node, int codes, scale, zero point) if ``name`` is a DequantizeLinear of constants."""
+    node = graph.producer.get(name)
+    if node is None or node.op_type != "DequantizeLinear":
+        return None
+    codes, scale = graph.const(node.input[0]), graph.const(node.input[1])
+    zero_point = graph.const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros_like(codes, shape=())
+    if codes is None or scale is None or zero_point is None:
+        return None
+    return node, codes, scale, zero_point
+
+
+def fold_constant_reshapes(model: onnx.ModelProto) -> int:
+    """``DQ(constant codes) -> Reshape(constant)`` -> ``DQ(reshaped codes)`` when the step is one value."""
+    graph, folded = Graph(model), 0
+    for node in list(graph.g.node):
+        if node.op_type != "Reshape":
+            continue
+        found, shape = _dq_of_const(graph, node.input[0]), graph.const(node.input[1])
+        if found is None or shape is None:
+            continue
+        _, codes, scale, zero_point = found
+        if np.unique(scale).size != 1 or np.unique(zero_point).size != 1 or (shape == -1).sum() > 1:
+            continue
+        new_codes = graph.add_init(codes.reshape(shape), node.input[0].split("/")[-1] + "_reshaped")
+        new_scale = graph.add_init(scale.reshape(-1)[:1].reshape(()), new_codes + "_scale")
+        new_zp = graph.add_init(zero_point.reshape(-1)[:1].reshape(()), new_codes + "_zero_point")
+        dq = helper.make_node("DequantizeLinear", [new_codes, new_scale, new_zp], [node.output[0]],
+                              name=graph.unique(node.name + "/folded_dq"))
+        index = list(graph.g.node).index(node)
+        graph.g.node.remove(node)
+        graph.g.node.insert(index, dq)
+        graph.refresh()
+        folded += 1
+    return folded
+
+
+def quantize_biases(model: onnx.ModelProto) -> int:
+    """Float bias of ``Conv(DQ(x), DQ(w), b)`` -> ``DQ(int32 round(b / (s_x s_w)))``."""
+    graph, done = Graph(model), 0
+    for node in list(graph.g.node):
+        if node.op_type != "Conv" or len(node.input) < 3 or not node.input[2]:
+            continue
+        bias = graph.const(node.input[2])
+        x_dq, w = graph.producer.get(node.input[0]), _dq_of_const(graph, node.input[1])
+        if bias is None or bias.dtype != np.float32 or w is None or x_dq is None or x_dq.op_type != "DequantizeLinear":
+            continue
+        x_scale = graph.const(x_dq.input[1])
+        if x_scale is None or x_scale.size != 1:
+            continue
+        scale = (np.float32(x_scale.reshape(-1)[0]) * w[2].astype(np.float32)).astype(np.float32).reshape(-1)
+        scale = np.broadcast_to(scale, bias.shape).copy() if scale.size == 1 else scale
+        codes = np.clip(np.rint(bias / scale), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+        base = node.input[2].split("/")[-1]
+        names = [graph.add_init(codes, base + "_int32"), graph.add_init(scale, base + "_scale"),
+                 graph.add_init(np.zeros_like(codes), base + "_zero_point")]
+        out = graph.unique(base + "_dequantized")
+        dq = helper.make_node("DequantizeLinear", names, [out], name=graph.unique(node.name + "/bias_dq"), axis=0)
+        graph.g.node.insert(list(graph.g.node).index(node), dq)
+        node.input[2] = out
+        done += 1
+    return done
+
+
+def prelu_to_leakyrelu(model: onnx.ModelProto) -> int:
+    """``PRelu(x, slope)`` with a single constant slope -> ``LeakyRelu(x, alpha=slope)`` (same values)."""
+    graph, done = Graph(model), 0
+    for node in list(graph.g.node):
+        if node.op_type != "PRelu":
+            continue
+        slope = graph.const(node.input[1])
+        if slope is None or slope.size != 1:
+            continue
+        leaky = helper.make_node("LeakyRelu", [node.input[0]], list(node.output), name=node.name + "/leaky",
+                                 alpha=float(slope.reshape(-1)[0]))
+        graph.g.node.insert(list(graph.g.node).index(node), leaky)
+        graph.g.node.remove(node)
+        done += 1
+    return done
+
+
+def requantize_before_integer_ops(model: onnx.ModelProto) -> int:
+    """Insert ``Q -> DQ`` (the producer's parameters) between shape ops and an integer-capable op."""
+    graph, inserted = Graph(model), 0
+    for node in list(graph.g.node):
+        if node.op_type not in INTEGER_CAPABLE:
+            continue
+        slots = INTEGER_CAPABLE[node.op_type] or range(len(node.input))
+        for slot in slots:
+            if slot >= len(node.input) or not node.input[slot]:
+                continue
+            name = node.input[slot]
+            dq = _dq_through_shape_ops(graph, name)
+            if dq is None:
+                continue
+            params = list(dq.input[1:])
+            scale = graph.const(params[0])
+            if scale is None or scale.size != 1:
+                continue          # per-channel (weights) are folded, not re-quantized
+            q_out, dq_out = graph.unique(name + "_requant_q"), graph.unique(name + "_requant")
+            q = helper.make_node("QuantizeLinear", [name] + params, [q_out], name=graph.unique(node.name + "/requant_q"))
+            d = helper.make_node("DequantizeLinear", [q_out] + params, [dq_out],
+                                 name=graph.unique(node.name + "/requant_dq"))
+            index = list(graph.g.node).index(node)
+            graph.g.node.insert(index, d)
+            graph.g.node.insert(index, q)
+            node.input[slot] = dq_out
+            graph.producer[q_out], graph.producer[dq_out] = q, d
+            inserted += 1
+    return inserted
+
+
+def _dq_through_shape_ops(graph: Graph, name: str) -> onnx.NodeProto | None:
+    """The DequantizeLinear reached from ``name`` backwards through >= 1 shape op, else None."""
+    node, hops = graph.producer.get(name), 0
+    while node is not None and node.op_type in SHAPE_OPS:
+        if node.op_type == "Pad" and (len(node.input) > 2 and node.input[2] or _attr(node, "mode", b"constant") != b"constant"):
+            return None       # non-zero padding value or reflect/edge: fine too, but keep it simple
+        node, hops = graph.producer.get(node.input[0]), hops + 1
+    if node is None or node.op_type != "DequantizeLinear" or hops == 0:
+        return None
+    if graph.const(node.input[0]) is not None:
+        return None           # a constant (weight) behind a reshape: fold_constant_reshapes' business
+    return node
+
+
+def remove_dead(model: onnx.ModelProto) -> int:
+    """Drop nodes whose outputs nobody uses, then unused initializers; returns how many were removed."""
+    g, removed = model.graph, 0
+    changed = True
+    while changed:
+        changed = False
+        used = {o.name for o in g.output} | {i for n in g.node for i in n.input} | _subgraph_inputs(g)
+        for node in list(g.node):
+            if not any(o in used for o in node.output if o):
+                g.node.remove(node)
+                removed += 1
+                changed = True
+    used = {i for n in g.node for i in n.input} | _subgraph_inputs(g) | {o.name for o in g.output}
+    for init in list(g.initializer):
+        if init.name not in used:
+            g.initializer.remove(init)
+            removed += 1
+    for value in list(g.value_info):
+        if value.name not in used and value.name not in {o for n in g.node for o in n.output}:
+            g.value_info.remove(value)
+    return removed
+
+
+def _subgraph_inputs(g: onnx.GraphProto) -> set[str]:
+    names = set()
+    for node in g.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                names |= {i for n in attr.g.node for i in n.input}
+    return names
+
+
+def shorten_names(model: onnx.ModelProto, keep_prefix: str = "fqss:") -> int:
+    """Short tensor names (``t<k>``) and node names (``n<k>``, except tagged ones): the exporter's scope
+    names take more bytes than the int8 weights of a small model. Graph inputs/outputs keep theirs."""
+    g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return 0              # subgraphs (If/Loop) may refer to outer names: leave them alone
+    keep = {v.name for v in g.input} | {v.name for v in g.output}
+    mapping: dict[str, str] = {}
+    for k, name in enumerate([t.name for t in g.initializer] + [o for n in g.node for o in n.output]):
+        if name and name not in keep and name not in mapping:
+            mapping[name] = f"t{len(mapping)}"
+    for t in g.initializer:
+        t.name = mapping.get(t.name, t.name)
+    for k, node in enumerate(g.node):
+        node.input[:] = [mapping.get(i, i) for i in node.input]
+        node.output[:] = [mapping.get(o, o) for o in node.output]
+        node.doc_string = ""
+        if not node.name.startswith(keep_prefix):
+            node.name = f"n{k}"
+    for value in list(g.value_info):
+        if value.name in mapping:
+            value.name = mapping[value.name]
+    return len(mapping)
+
+
+PASSES = (remove_identities, fold_weight_quantizers, fold_constant_reshapes, quantize_biases, prelu_to_leakyrelu,
+          requantize_before_integer_ops, remove_dead, shorten_names)
+
+
+def deploy(model: onnx.ModelProto) -> dict[str, int]:
+    """Run every pass in order; returns what each one changed."""
+    return {p.__name__: p(model) for p in PASSES}
+
+
+def tensor_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Initializer bytes by element type (``int8``, ``int32``, ``float32``...)."""
+    sizes: dict[str, int] = defaultdict(int)
+    for init in model.graph.initializer:
+        array = numpy_helper.to_array(init)
+        sizes[str(array.dtype)] += array.nbytes
+    return dict(sizes)
+

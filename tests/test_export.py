@@ -1,0 +1,207 @@
+"""Int8 ONNX export (#7): round trip on a small *trained* ConvTasNet, parity, any length, clear errors, CLI."""
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import soundfile as sf
+import torch
+from asteroid.models import ConvTasNet
+
+import fqss_plugin as fq
+from fqss_plugin.asteroid import prepare_model, save_quantized_model
+from fqss_plugin.cli import main as cli_main
+from fqss_plugin.export import ExportError, OrtSeparator, ort_op_report, parity_report, to_onnx
+from fqss_plugin.loss import FQSSLoss
+
+SR = 8000
+
+
+def two_source_batch(batch: int, length: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A synthetic 2-speaker-like task: a gliding harmonic stack vs bursty high-passed noise."""
+    t = torch.arange(length) / SR
+    tones, noises = [], []
+    for _ in range(batch):
+        f0 = 120 + 150 * torch.rand((), generator=gen)
+        phase = 2 * torch.pi * torch.cumsum(f0 * (1 + 0.05 * torch.sin(2 * torch.pi * 1.3 * t)), 0) / SR
+        tones.append(0.3 * sum(torch.sin(k * phase) / k for k in range(1, 8)))
+        noise = torch.randn(length, generator=gen)
+        noise = noise - torch.nn.functional.pad(noise, (1, 0))[:-1]          # high-passed
+        bursts = (torch.sin(2 * torch.pi * (2 + 3 * torch.rand((), generator=gen)) * t) > 0.3).float()
+        noises.append(0.15 * noise * bursts)
+    sources = torch.stack([torch.stack(tones), torch.stack(noises)], 1)
+    gain = 0.3 + 0.7 * torch.rand(batch, 1, 1, generator=gen)
+    sources = sources * gain
+    return sources.sum(1), sources
+
+
+def tiny_convtasnet():
+    return ConvTasNet(n_src=2, n_blocks=3, n_repeats=1, bn_chan=16, hid_chan=32, skip_chan=16, n_filters=32,
+                      kernel_size=16, stride=8, sample_rate=SR)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """(float model, FQSS-trained quantized model): 150 float steps, then 40 QAT steps (5 calibrating).
+
+    One thread: on a shared 2-core machine, torch's default 2 threads run this 30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    teacher = tiny_convtasnet()
+    loss = FQSSLoss(lambda_kd=0.0)
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=3e-3)
+    for _ in range(150):
+        mix, sources = two_source_batch(4, 4000, gen)
+        optimizer.zero_grad()
+        loss(teacher(mix), sources).backward()
+        optimizer.step()
+    teacher.eval()
+    model = prepare_model(copy.deepcopy(teacher), fq.QuantConfig.fqss(calib_steps=5))
+    loss = FQSSLoss(lambda_kd=0.1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(40):
+        mix, sources = two_source_batch(4, 4000, gen)
+        with torch.no_grad():
+            teacher_estimate = teacher(mix)
+        optimizer.zero_grad()
+        loss(model(mix), sources, teacher_estimate).backward()
+        optimizer.step()
+        fq.calibration_step(model)
+    return teacher, model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    result = to_onnx(trained[1], path)
+    return result
+
+
+def test_export_is_a_compact_int8_model_that_onnxruntime_runs_in_integer(exported, trained):
+    model = onnx.load(str(exported.path))
+    onnx.checker.check_model(model)
+    ops = {n.op_type for n in model.graph.node}
+    assert "PRelu" not in ops and "LeakyRelu" in ops                           # single-slope PReLU rewritten
+    assert exported.tensor_bytes["int8"] > exported.tensor_bytes.get("float32", 0)
+    weights = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+               and sum(d > 1 for d in t.dims) > 1]
+    assert not weights, weights                                                 # no float weight matrix left
+    raw = to_onnx(trained[1], exported.path.with_name("raw.onnx"), deploy=False)   # exporter output as is
+    assert exported.bytes < 0.5 * raw.bytes and raw.tensor_bytes.get("int8", 0) < 1000
+    report = ort_op_report(exported.path)
+    assert report.integer["QLinearConv"] >= 12                                  # every masker conv
+    assert report.integer["QLinearLeakyRelu"] == 7 and report.integer["QLinearSigmoid"] == 1
+    assert report.integer["MatMulIntegerToFloat"] == 1                          # the decoder
+    assert "PRelu" not in report.float_compute and "ConvTranspose" not in report.float_compute
+    assert exported.tagged_quantizers > 30 and exported.sample_rate == SR and exported.n_src == 2
+
+
+def test_onnxruntime_reproduces_the_trained_fake_quant_model(exported, trained):
+    gen = torch.Generator().manual_seed(123)
+    mix, sources = two_source_batch(2, 6000, gen)
+    parity = parity_report(trained[1], exported.path, mix)
+    assert parity.snr_db >= 40, str(parity)
+    # per quantizer, fed the same inputs (torch takes onnxruntime's upstream codes): never more than
+    # 1 LSB apart, and 1-LSB flips (requantization rounding, int32 bias) are rare
+    assert parity.worst_local_beyond_1lsb == 0, str(parity)
+    assert parity.worst_local_differ <= 0.005, str(parity)
+    # free-running, those flips propagate (and a 1-LSB input flip is > 1 LSB after a narrower
+    # quantizer); still bounded
+    assert parity.worst_beyond_1lsb <= 0.15, str(parity)
+    assert len(parity.quantizers) == exported.tagged_quantizers
+    first = {q.name: q for q in parity.quantizers}
+    assert first["encoder.input_splitter.grid_quantizers.0"].differ == 0    # in-graph split is exact
+    assert first["encoder.input_splitter.grid_quantizers.1"].differ == 0
+    # separation quality identical to the torch model to 0.02 dB SI-SDR
+    with torch.no_grad():
+        reference = trained[1](mix)
+    estimate = torch.from_numpy(OrtSeparator(exported.path).separate(mix.numpy()))
+    loss = FQSSLoss(lambda_kd=0.0)
+    assert abs(float(loss(estimate, sources) - loss(reference, sources))) <= 0.02
+
+
+@pytest.mark.parametrize("length", [16, 17, 24, 1001, 4003])     # >= the encoder kernel (16), stride 8
+def test_any_length_and_shape(exported, trained, length):
+    separator = OrtSeparator(exported.path, threads=1)
+    wav = 0.2 * torch.randn(length, generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        reference = trained[1](wav)
+    out = separator.separate(wav)                                  # torch in, torch out, [n_src, time]
+    assert isinstance(out, torch.Tensor) and out.shape == reference.shape == (2, length)
+    batch = separator.separate(np.stack([wav.numpy(), 0.5 * wav.numpy()]))
+    assert isinstance(batch, np.ndarray) and batch.shape == (2, 2, length)
+    assert separator.separate(wav[None, None].numpy()).shape == (1, 2, length)
+    if length > 1000:
+        assert 10 * np.log10(reference.pow(2).sum() / (reference - out).pow(2).sum()) > 35
+
+
+def test_conv_decoder_variant_and_view_is_exact(trained, tmp_path):
+    from fqss_plugin.export import export_view
+    mix, _ = two_source_batch(1, 3001, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = fq.freeze(copy.deepcopy(trained[1]))(mix)
+        assert torch.equal(export_view(trained[1], decoder="conv")(mix), reference)
+        matmul = export_view(trained[1], decoder="matmul")(mix)
+    assert float((matmul - reference).abs().max()) < 1e-3          # same products, other summation order
+    result = to_onnx(trained[1], tmp_path / "conv.onnx", mix, decoder="conv")
+    assert "ConvTranspose" in ort_op_report(result.path).float_compute
+    assert parity_report(trained[1], result.path, mix).snr_db >= 40
+
+
+def test_clear_errors(trained, tmp_path):
+    with pytest.raises(ExportError, match="no fqss quantizer"):
+        to_onnx(trained[0], tmp_path / "float.onnx")
+    fresh = prepare_model(tiny_convtasnet(), fq.QuantConfig.fqss())
+    with pytest.raises(ExportError, match="has not run yet|never seen data"):
+        to_onnx(fresh, tmp_path / "uncalibrated.onnx")
+    with pytest.raises(ExportError, match="decoder must be"):
+        to_onnx(trained[1], tmp_path / "x.onnx", decoder="fft")
+    lstm = fq.prepare(torch.nn.Sequential(torch.nn.LSTM(4, 4)), fq.QuantConfig.vanilla())
+    with pytest.raises(ExportError, match="QLSTM .* not supported"):
+        to_onnx(lstm, tmp_path / "lstm.onnx", torch.zeros(1, 4))
+    with pytest.raises(FileNotFoundError):
+        OrtSeparator(tmp_path / "missing.onnx")
+    (tmp_path / "garbage.onnx").write_bytes(b"not onnx")
+    with pytest.raises(ValueError, match="onnxruntime cannot load it"):
+        OrtSeparator(tmp_path / "garbage.onnx")
+
+
+def test_cli_export_and_separate(trained, tmp_path, capsys):
+    package = save_quantized_model(trained[1], tmp_path / "exp" / "best_model.pth", fq.QuantConfig.fqss(calib_steps=5))
+    out = tmp_path / "model.onnx"
+    assert cli_main(["export", "--checkpoint", str(package.parent), "--out", str(out), "--report"]) == 0
+    printed = capsys.readouterr().out
+    assert "QLinearConv" in printed and out.is_file()
+    mix, _ = two_source_batch(1, 2345, torch.Generator().manual_seed(9))
+    sf.write(tmp_path / "mix.wav", mix[0].numpy(), SR, subtype="FLOAT")
+    assert cli_main(["separate", "--model", str(out), str(tmp_path / "mix.wav"), "--out-dir", str(tmp_path / "sep")]) == 0
+    estimates = [sf.read(tmp_path / "sep" / f"mix_s{k}.wav")[0] for k in (1, 2)]
+    with torch.no_grad():
+        reference = trained[1](mix)[0].numpy()
+    for k in range(2):
+        assert estimates[k].shape == (2345,)
+        assert 10 * np.log10((reference[k] ** 2).sum() / ((reference[k] - estimates[k]) ** 2).sum()) > 35
+    # a float package and a malformed file: one clear message, exit code 2
+    float_package = tmp_path / "float" / "best_model.pth"
+    float_package.parent.mkdir()
+    torch.save(trained[0].serialize(), float_package)
+    assert cli_main(["export", "--checkpoint", str(float_package), "--out", str(tmp_path / "f.onnx")]) == 2
+    assert "not a quantized fqss model" in capsys.readouterr().err
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"garbage")
+    assert cli_main(["export", "--checkpoint", str(bad), "--out", str(tmp_path / "b.onnx")]) == 2
+    assert "not a readable Asteroid model package" in capsys.readouterr().err
+    sf.write(tmp_path / "mix16k.wav", mix[0].numpy(), 16000)
+    assert cli_main(["separate", "--model", str(out), str(tmp_path / "mix16k.wav"), "--out-dir", str(tmp_path)]) == 2
+    assert "expects 8000 Hz" in capsys.readouterr().err
