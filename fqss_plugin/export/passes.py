@@ -12,6 +12,7 @@ what onnxruntime does itself:
   DQ of the reshaped constant (per-tensor when all channel steps are equal);
 * :func:`quantize_biases` -- a Conv/MatMul-feeding bias becomes int32 with step ``s_x·s_w``
   behind a DQ (the rounding integer kernels apply to a float bias anyway);
+* :func:`scalar_qparams` -- ``[1]`` steps and zero points become scalars (QLinearAdd/Mul need them);
 * :func:`prelu_to_leakyrelu` -- a PReLU with one slope is a LeakyRelu (which has an int8 kernel);
 * :func:`requantize_before_integer_ops` -- ``DQ -> Reshape/Transpose/... -> op`` gets a copy of the
   producer's Q/DQ right in front of the op (an identity: the values are on that grid);
@@ -199,6 +200,29 @@ def quantize_biases(model: onnx.ModelProto) -> int:
     return done
 
 
+def scalar_qparams(model: onnx.ModelProto) -> int:
+    """One-element ``[1]`` steps and zero points of Q/DQ nodes -> scalars (same values).
+
+    The exporter writes per-tensor parameters as ``[1]`` tensors; onnxruntime fuses ``DQ -> Add/Mul -> Q``
+    into QLinearAdd/QLinearMul only with scalar ones (QLinearConv accepts both).
+    """
+    graph, done, cache = Graph(model), 0, {}
+    for node in graph.g.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for slot in (1, 2):
+            if slot >= len(node.input) or not node.input[slot]:
+                continue
+            value = graph.const(node.input[slot])
+            if value is None or value.size != 1 or value.ndim == 0:
+                continue
+            if node.input[slot] not in cache:
+                cache[node.input[slot]] = graph.add_init(value.reshape(()), node.input[slot] + "_scalar")
+            node.input[slot] = cache[node.input[slot]]
+            done += 1
+    return done
+
+
 def prelu_to_leakyrelu(model: onnx.ModelProto) -> int:
     """``PRelu(x, slope)`` with a single constant slope -> ``LeakyRelu(x, alpha=slope)`` (same values)."""
     graph, done = Graph(model), 0
@@ -318,7 +342,8 @@ def shorten_names(model: onnx.ModelProto, keep_prefix: str = "fqss:") -> int:
     return len(mapping)
 
 
-PASSES = (remove_identities, fold_weight_quantizers, fold_constant_reshapes, quantize_biases, prelu_to_leakyrelu,
+PASSES = (remove_identities, fold_weight_quantizers, fold_constant_reshapes, quantize_biases, scalar_qparams,
+          prelu_to_leakyrelu,
           requantize_before_integer_ops, remove_dead, shorten_names)
 
 

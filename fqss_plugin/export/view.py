@@ -13,14 +13,15 @@ the same values with ops the legacy TorchScript exporter writes plainly:
   Asteroid's shape-dispatching ``multishape_*`` helpers; the decoder can also be written as an
   integer MatMul plus overlap-add (``decoder="matmul"``), for which onnxruntime has an int8 kernel,
   while it has none for ConvTranspose;
-* Asteroid's ``GlobLN``/``ChanLN`` use the same ``mean``/``var`` kernels without the scripted
-  helper (which exports as ``If`` nodes) and apply the affine on ``[1, C, 1]`` views (no transposes);
+* Asteroid's ``GlobLN``/``ChanLN`` compute the same values in torch, without the scripted helper
+  (which exports as ``If`` nodes), and export as a shorter op chain (:class:`_LayerNormFunction`);
 * the :class:`~fqss_plugin.quant.signal_io.OutputCombiner` quantizes its residual outputs through
   named modules, so that every activation Q/DQ pair of the graph belongs to a module
   (:func:`quantizer_calls` records them in graph order, for the per-quantizer parity report).
 
 Everything here is bit-identical to the frozen model in torch except ``decoder="matmul"``, whose
-float overlap-add sums the same products in another order (checked by the tests).
+float overlap-add sums the same products in another order (checked by the tests); the parity report
+compares onnxruntime against this torch computation.
 """
 from __future__ import annotations
 
@@ -104,14 +105,38 @@ class ExportOutputCombiner(OutputCombiner):
         return out
 
 
+class _LayerNormFunction(torch.autograd.Function):
+    """Asteroid's gLN/cLN: in torch the very same kernels (bit-identical); in ONNX a shorter op chain.
+
+    torch: ``gamma * (x - mean) / sqrt(var + eps) + beta`` (``torch.var``, biased), as Asteroid computes it.
+    ONNX: ``d = x - mean``, ``a = gamma / sqrt(mean(d*d) + eps)`` (a ``[1, C, 1]`` vector), ``d * a + beta``:
+    two full-size float passes fewer than the traced formula (onnxruntime has no fused kernel for a norm over
+    channels and time; ``LayerNormalization`` with a per-channel scale measured slower). Same value up to
+    float rounding; the parity report measures the effect (codes differing after the norm's quantizer).
+    """
+
+    @staticmethod
+    def forward(ctx, x, gamma, beta, dims: tuple[int, ...], eps: float):
+        mean = x.mean(dim=dims, keepdim=True)
+        var = torch.var(x, dim=dims, keepdim=True, unbiased=False)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return gamma.reshape(shape) * ((x - mean) / torch.sqrt(var + eps)) + beta.reshape(shape)
+
+    @staticmethod
+    def symbolic(g, x, gamma, beta, dims, eps):
+        rank = x.type().dim() if x.type().dim() is not None else 3
+        shape = g.op("Constant", value_t=torch.tensor([1, -1] + [1] * (rank - 2), dtype=torch.int64))
+        mean = g.op("ReduceMean", x, axes_i=list(dims), keepdims_i=1)
+        d = g.op("Sub", x, mean)
+        var = g.op("ReduceMean", g.op("Mul", d, d), axes_i=list(dims), keepdims_i=1)
+        std = g.op("Sqrt", g.op("Add", var, g.op("Constant", value_t=torch.tensor(eps, dtype=torch.float32))))
+        a = g.op("Div", g.op("Reshape", gamma, shape), std)
+        return g.op("Add", g.op("Mul", d, a), g.op("Reshape", beta, shape))
+
+
 def _export_norm_forward(self, x: torch.Tensor, EPS: float = 1e-8) -> torch.Tensor:
-    """Asteroid's gLN/cLN with the very same kernels, minus the scripted helper and the transposes."""
-    dims = self._fqss_norm_dims(x)
-    mean = x.mean(dim=dims, keepdim=True)
-    var = torch.var(x, dim=dims, keepdim=True, unbiased=False)
-    value = (x - mean) / torch.sqrt(var + EPS)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return self.output_quantizer(self.gamma.reshape(shape) * value + self.beta.reshape(shape))
+    """Asteroid's gLN/cLN without the scripted helper (which exports as ``If`` nodes)."""
+    return self.output_quantizer(_LayerNormFunction.apply(x, self.gamma, self.beta, self._fqss_norm_dims(x), EPS))
 
 
 def _swap_class(module: nn.Module, base: type, attrs: dict) -> None:
