@@ -1,0 +1,242 @@
+"""SepFormer row of the paper table: float vs vanilla QAT vs FQSS, SpeechBrain recipe, embedded Libri2Mix.
+
+Everything runs through the recipe (``recipes/LibriMix/SepFormer/train.py``, in-process) with the
+embedded-size hparams (``sepformer-embedded-{float,vanilla,fqss}.yaml``):
+
+1. step time: ``FQSSSeparation.fit_batch`` of the three Brains, interleaved, on the same batch,
+   past calibration (the FQSS step includes the float teacher's forward pass);
+2. the float SepFormer is trained from scratch (``--budget`` x ``--float-share`` minutes);
+3. vanilla QAT and FQSS QAT start from its ``pretrained/`` package and take the same number of
+   optimizer steps (the rest of the budget);
+4. every model is scored by the recipe's ``test_results.csv`` (SI-SNR(i), SDR(i)) on the same test
+   mixtures; deltas vs float are paired per mixture, with 95 % confidence intervals.
+
+The number of steps follows from the budget and the measured step times, so the figures say how
+much training they got. The embedded data is synthetic speech: these are not LibriMix numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.report import command_line, write_section  # noqa: E402
+from fqss_plugin.data.librimix import prepare_librimix_csv  # noqa: E402
+from fqss_plugin.data.speech import SpeechConfig, generate_speech  # noqa: E402
+
+RECIPE = REPO / "recipes" / "LibriMix" / "SepFormer"
+MODES = ("float", "vanilla", "fqss")
+LABELS = {"float": "Float", "vanilla": "Vanilla QAT 8-bit", "fqss": "FQSS 8-bit"}
+METRICS = ("si-snr_i", "sdr_i", "si-snr", "sdr")
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("sepformer_recipe_train", RECIPE / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def hparams_file(mode: str) -> str:
+    return str(RECIPE / "hparams" / f"sepformer-embedded-{mode}.yaml")
+
+
+def write_subset(full: Path, out: Path, count: int, seed: int = 0) -> Path:
+    """The first ``count`` rows of a fixed random permutation of a recipe manifest (all if count <= 0)."""
+    with open(full, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if 0 < count < len(rows):
+        random.Random(seed).shuffle(rows)
+        rows = rows[:count]
+    with open(out, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def measure_step_times(libri2mix: Path, work: Path, repeats: int, batch_size: int, segment: int) -> dict:
+    """Median seconds of ``fit_batch`` per mode (interleaved), on one batch of real training mixtures."""
+    import speechbrain as sb
+    from hyperpyyaml import load_hyperpyyaml
+
+    from fqss_plugin.speechbrain import FQSSSeparation
+
+    with open(work / "manifests" / "libri2mix_train-360.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))[:batch_size]
+    signals = {key: torch.stack([sb.dataio.dataio.read_audio(row[f"{key}_wav"])[:segment] for row in rows])
+               for key in ("mix", "s1", "s2")}
+
+    class Batch:
+        pass
+
+    batch = Batch()
+    lengths = torch.ones(batch_size)
+    for key, value in signals.items():
+        setattr(batch, f"{key}_sig", (value, lengths))
+    brains = {}
+    for mode in MODES:
+        overrides = {"data_folder": str(libri2mix), "output_folder": str(work / "step_time" / mode)}
+        if mode != "float":
+            overrides["calib_steps"] = 1                  # time the learning phase, the bulk of QAT
+        with open(hparams_file(mode)) as handle:
+            hparams = load_hyperpyyaml(handle, overrides)
+        brain = FQSSSeparation(modules=hparams["modules"], opt_class=hparams["optimizer"], hparams=hparams,
+                               run_opts={"device": "cpu"}, checkpointer=None)
+        brain.on_fit_start()
+        brain.on_stage_start(sb.Stage.TRAIN)
+        brains[mode] = brain
+    times = {mode: [] for mode in MODES}
+    for repeat in range(repeats + 2):
+        for mode, brain in brains.items():
+            start = time.perf_counter()
+            brain.fit_batch(batch)
+            if repeat >= 2:
+                times[mode].append(time.perf_counter() - start)
+    return {mode: statistics.median(t) for mode, t in times.items()}
+
+
+def plan(steps: int, train_count: int, batch_size: int) -> tuple[int, int]:
+    """(epochs, training mixtures) giving about ``steps`` optimizer steps."""
+    per_epoch = max(1, train_count // batch_size)
+    if steps <= per_epoch:
+        return 1, max(batch_size, steps * batch_size)
+    epochs = max(1, round(steps / per_epoch))
+    return epochs, train_count
+
+
+def read_results(out: Path) -> dict[str, dict]:
+    with open(out / "test_results.csv", newline="") as handle:
+        return {row["snt_id"]: {m: float(row[m]) for m in METRICS} for row in csv.DictReader(handle)
+                if row["snt_id"] != "avg"}
+
+
+def paired(quantized: list[float], reference: list[float]) -> tuple[float, float]:
+    deltas = torch.tensor(quantized) - torch.tensor(reference)
+    half = 1.96 * float(deltas.std(unbiased=True)) / math.sqrt(len(deltas)) if len(deltas) > 1 else float("nan")
+    return float(deltas.mean()), half
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO / "data" / "librimix",
+                        help="embedded data directory (holds Libri2Mix/); generated if missing")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "sepformer_paper_table")
+    parser.add_argument("--budget", type=float, default=40.0, help="training minutes for the three models")
+    parser.add_argument("--float-share", type=float, default=0.6, help="share of the budget for the float model")
+    parser.add_argument("--valid-mixtures", type=int, default=30, help="dev mixtures for checkpoint selection")
+    parser.add_argument("--test-mixtures", type=int, default=0, help="test mixtures scored (0 = all)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--step-repeats", type=int, default=8)
+    parser.add_argument("--reuse-float", action="store_true", help="keep an existing float model in --out/float")
+    parser.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    if not 0 < args.float_share < 1:
+        parser.error(f"--float-share must be in (0, 1), got {args.float_share}")
+    if args.budget <= 0:
+        parser.error(f"--budget must be > 0 minutes, got {args.budget}")
+    torch.set_num_threads(args.threads)
+    start = time.time()
+
+    libri2mix = args.data / "Libri2Mix"
+    if not (libri2mix / "wav8k" / "min" / "test").is_dir():
+        print(f"generating the embedded Libri2Mix in {args.data}")
+        generate_speech(SpeechConfig(out=args.data))
+    work = args.out.resolve()
+    manifests = work / "manifests"
+    prepare_librimix_csv(libri2mix, manifests, fs=8000)
+    train_full = manifests / "libri2mix_train-360.csv"
+    with open(train_full) as handle:
+        train_count = sum(1 for _ in handle) - 1
+    valid = write_subset(manifests / "libri2mix_dev.csv", manifests / "valid_subset.csv", args.valid_mixtures)
+    test = write_subset(manifests / "libri2mix_test.csv", manifests / "test_subset.csv", args.test_mixtures)
+
+    batch_size, segment = 2, 16000       # sepformer-embedded-*.yaml: batch_size, training_signal_len
+    print("[1/4] step time (fit_batch, interleaved, past calibration)")
+    step = measure_step_times(libri2mix, work, args.step_repeats, batch_size, segment)
+    print("      " + ", ".join(f"{m} {1000 * s:.0f} ms" for m, s in step.items()))
+
+    budget_s = args.budget * 60
+    float_steps = int(args.float_share * budget_s / step["float"])
+    qat_steps = int((1 - args.float_share) * budget_s / (step["vanilla"] + step["fqss"]))
+    recipe = load_recipe()
+    common = ["--data_folder", str(libri2mix), "--device", "cpu", "--noprogressbar", "--valid_data", str(valid),
+              "--test_data", str(test)]
+    runs = {}
+    for index, mode in enumerate(MODES, start=2):
+        steps = float_steps if mode == "float" else qat_steps
+        epochs, count = plan(steps, train_count, batch_size)
+        train = write_subset(train_full, manifests / f"train_{mode}.csv", count if count < train_count else 0)
+        out = work / mode
+        runs[mode] = {"epochs": epochs, "train_mixtures": count, "steps": epochs * (count // batch_size)}
+        if mode == "float" and args.reuse_float and (out / "pretrained" / "masknet.ckpt").is_file():
+            print(f"[{index}/4] float: reusing {out}")
+            continue
+        print(f"[{index}/4] {LABELS[mode]}: {epochs} epoch(s) x {count} mixtures (~{runs[mode]['steps']} steps)")
+        tic = time.time()
+        extra = [] if mode == "float" else ["--pretrained_path", str(work / "float" / "pretrained")]
+        recipe.main([hparams_file(mode), "--output_folder", str(out), "--train_data", str(train),
+                     "--N_epochs", str(epochs), *common, *extra])
+        runs[mode]["wall_min"] = (time.time() - tic) / 60
+
+    results = {mode: read_results(work / mode) for mode in MODES}
+    ids = sorted(results["float"])
+    table = {mode: {m: statistics.fmean(results[mode][i][m] for i in ids) for m in METRICS} for mode in MODES}
+    deltas = {mode: {m: paired([results[mode][i][m] for i in ids], [results["float"][i][m] for i in ids])
+                     for m in ("si-snr_i", "sdr_i")} for mode in ("vanilla", "fqss")}
+    fqss_vs_vanilla = paired([results["fqss"][i]["si-snr_i"] for i in ids],
+                             [results["vanilla"][i]["si-snr_i"] for i in ids])
+    summary = {"step_time_s": step, "runs": runs, "test_mixtures": len(ids), "means": table, "delta_vs_float": deltas,
+               "fqss_minus_vanilla_si_snr_i": fqss_vs_vanilla, "wall_time_min": (time.time() - start) / 60,
+               "command": command_line(), "torch": torch.__version__, "threads": args.threads}
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    def delta(mode: str, metric: str) -> str:
+        mean, half = deltas[mode][metric]
+        return f"{mean:+.2f} ± {half:.2f}"
+
+    float_run = runs["float"]
+    body = f"""Command: `{command_line()}`
+
+Script: `benchmarks/sepformer_paper_table.py` (the SpeechBrain recipe `recipes/LibriMix/SepFormer`, in-process).
+Model: `sepformer-embedded-*.yaml` (SepFormer, 64 channels, 4 heads, FFN 128, 1 transformer layer per intra/inter
+block, 2 dual-path stages, K = 100; kernel 16, stride 8), batch {batch_size} x {segment / 8000:g} s segments, Adam,
+{args.threads} thread(s), CPU shared with other jobs. Data: embedded Libri2Mix (`fqss make-data speech`, synthetic
+voices; **not LibriMix numbers**), {len(ids)} test mixtures, checkpoint chosen on {args.valid_mixtures} dev mixtures.
+Training budget {args.budget:g} min: float from scratch {float_run['epochs']} epoch(s) x {float_run['train_mixtures']}
+mixtures (~{float_run['steps']} steps); vanilla and FQSS QAT from it, each {runs['fqss']['epochs']} epoch(s) x
+{runs['fqss']['train_mixtures']} mixtures (~{runs['fqss']['steps']} steps, calibration: 100 steps).
+
+| SepFormer (SpeechBrain) | Float | Vanilla QAT 8-bit | FQSS 8-bit |
+|---|---|---|---|
+| SI-SNRi (dB) | {table['float']['si-snr_i']:.2f} | {table['vanilla']['si-snr_i']:.2f} | {table['fqss']['si-snr_i']:.2f} |
+| SDRi (dB) | {table['float']['sdr_i']:.2f} | {table['vanilla']['sdr_i']:.2f} | {table['fqss']['sdr_i']:.2f} |
+| SI-SNRi vs float, paired (95 % CI) | - | {delta('vanilla', 'si-snr_i')} | {delta('fqss', 'si-snr_i')} |
+| SDRi vs float, paired (95 % CI) | - | {delta('vanilla', 'sdr_i')} | {delta('fqss', 'sdr_i')} |
+| training step (`fit_batch`, median ms) | {1000 * step['float']:.0f} | {1000 * step['vanilla']:.0f} | {1000 * step['fqss']:.0f} |
+| step time vs float | 1.00x | {step['vanilla'] / step['float']:.2f}x | {step['fqss'] / step['float']:.2f}x |
+
+FQSS - vanilla (SI-SNRi, paired): {fqss_vs_vanilla[0]:+.2f} ± {fqss_vs_vanilla[1]:.2f} dB. Goal: FQSS - float >= -0.15 dB.
+The FQSS step includes the float teacher's forward pass and the FQSS loss; step times are medians of
+{args.step_repeats} interleaved `fit_batch` calls past calibration. Wall time {summary['wall_time_min']:.0f} min;
+measured on torch {torch.__version__}."""
+    print("\n" + body)
+    if not args.no_write:
+        write_section("SepFormer (SpeechBrain recipe): float vs vanilla QAT vs FQSS, embedded data", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
