@@ -16,6 +16,7 @@ from fqss_plugin.export import ExportError, OrtSeparator, ort_op_report, parity_
 from fqss_plugin.loss import FQSSLoss
 
 SR = 8000
+pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py: steadier on a shared CPU
 
 
 def two_source_batch(batch: int, length: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,6 +171,11 @@ def test_clear_errors(trained, tmp_path):
     lstm = fq.prepare(torch.nn.Sequential(torch.nn.LSTM(4, 4)), fq.QuantConfig.vanilla())
     with pytest.raises(ExportError, match="QLSTM .* not supported"):
         to_onnx(lstm, tmp_path / "lstm.onnx", torch.zeros(1, 4))
+    from asteroid.models import DPTNet                  # BiLSTM + attention: a clear, documented refusal
+    dptnet = prepare_model(DPTNet(n_src=2, n_filters=16, kernel_size=16, stride=8, n_heads=2, ff_hid=16, chunk_size=20,
+                                  hop_size=10, n_repeats=1, sample_rate=SR), fq.QuantConfig.fqss())
+    with pytest.raises(ExportError, match="not supported by the ONNX int8 export"):
+        to_onnx(dptnet, tmp_path / "dptnet.onnx")
     with pytest.raises(FileNotFoundError):
         OrtSeparator(tmp_path / "missing.onnx")
     (tmp_path / "garbage.onnx").write_bytes(b"not onnx")

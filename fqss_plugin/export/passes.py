@@ -16,7 +16,9 @@ what onnxruntime does itself:
 * :func:`prelu_to_leakyrelu` -- a PReLU with one slope is a LeakyRelu (which has an int8 kernel);
 * :func:`requantize_before_integer_ops` -- ``DQ -> Reshape/Transpose/... -> op`` gets a copy of the
   producer's Q/DQ right in front of the op (an identity: the values are on that grid);
-* :func:`remove_identities`, :func:`remove_dead` -- Identity nodes, unused nodes and initializers.
+* :func:`drop_zero_points` -- all-zero zero points of weight/bias DQs (the default) are not stored;
+* :func:`remove_identities`, :func:`remove_dead`, :func:`shorten_names` -- Identity nodes, unused nodes and
+  initializers, and the exporter's long scope names (they weigh more than a small model's weights).
 """
 from __future__ import annotations
 
@@ -123,7 +125,7 @@ def fold_weight_quantizers(model: onnx.ModelProto) -> int:
 def _quantize_like_torch(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int) -> np.ndarray:
     """The integer codes torch's fake-quant kernels put ``x`` on (so DQ gives torch's values exactly)."""
     info = np.iinfo(zero_point.dtype)
-    xt, st = torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(scale.astype(np.float32))
+    xt, st = torch.from_numpy(np.array(x, np.float32)), torch.from_numpy(np.array(scale, np.float32))
     zt = torch.from_numpy(zero_point.astype(np.int32))
     if scale.size > 1 or scale.ndim == 1 and x.ndim > 0 and scale.size == x.shape[axis % x.ndim]:
         fq = torch.fake_quantize_per_channel_affine(xt, st.reshape(-1), zt.reshape(-1), axis % x.ndim, info.min, info.max)
@@ -190,11 +192,22 @@ def quantize_biases(model: onnx.ModelProto) -> int:
         scale = np.broadcast_to(scale, bias.shape).copy() if scale.size == 1 else scale
         codes = np.clip(np.rint(bias / scale), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
         base = node.input[2].split("/")[-1]
-        names = [graph.add_init(codes, base + "_int32"), graph.add_init(scale, base + "_scale"),
-                 graph.add_init(np.zeros_like(codes), base + "_zero_point")]
+        index = list(graph.g.node).index(node)
+        scale_name = graph.unique(base + "_scale")
+        if x_scale.size == 1 and w[2].size == bias.size:
+            # s_x * s_w as a Mul of the two stored steps (onnxruntime folds it at load): no third copy
+            x_step = graph.add_init(np.float32(x_scale.reshape(-1)[0]).reshape(()), base + "_x_step") \
+                if x_scale.ndim else x_dq.input[1]
+            graph.g.node.insert(index, helper.make_node("Mul", [x_step, w[0].input[1]], [scale_name],
+                                                        name=graph.unique(node.name + "/bias_step")))
+            graph.producer[scale_name] = graph.g.node[index]
+            index += 1
+        else:
+            scale_name = graph.add_init(scale, base + "_scale")
         out = graph.unique(base + "_dequantized")
-        dq = helper.make_node("DequantizeLinear", names, [out], name=graph.unique(node.name + "/bias_dq"), axis=0)
-        graph.g.node.insert(list(graph.g.node).index(node), dq)
+        dq = helper.make_node("DequantizeLinear", [graph.add_init(codes, base + "_int32"), scale_name], [out],
+                              name=graph.unique(node.name + "/bias_dq"), axis=0)
+        graph.g.node.insert(index, dq)
         node.input[2] = out
         done += 1
     return done
@@ -220,6 +233,20 @@ def scalar_qparams(model: onnx.ModelProto) -> int:
                 cache[node.input[slot]] = graph.add_init(value.reshape(()), node.input[slot] + "_scalar")
             node.input[slot] = cache[node.input[slot]]
             done += 1
+    return done
+
+
+def drop_zero_points(model: onnx.ModelProto) -> int:
+    """Remove all-zero zero-point inputs of DQs of constants (int8 weights, int32 biases): 0 is the default."""
+    graph, done = Graph(model), 0
+    for node in graph.g.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3 or not node.input[2]:
+            continue
+        codes, zero_point = graph.const(node.input[0]), graph.const(node.input[2])
+        if codes is None or zero_point is None or np.any(zero_point != 0) or zero_point.dtype != codes.dtype:
+            continue
+        del node.input[2]
+        done += 1
     return done
 
 
@@ -344,7 +371,7 @@ def shorten_names(model: onnx.ModelProto, keep_prefix: str = "fqss:") -> int:
 
 PASSES = (remove_identities, fold_weight_quantizers, fold_constant_reshapes, quantize_biases, scalar_qparams,
           prelu_to_leakyrelu,
-          requantize_before_integer_ops, remove_dead, shorten_names)
+          requantize_before_integer_ops, drop_zero_points, remove_dead, shorten_names)
 
 
 def deploy(model: onnx.ModelProto) -> dict[str, int]:
