@@ -12,7 +12,10 @@ HEADER = "# Benchmarks\n\nEvery figure below was written by the script named in 
 
 def command_line() -> str:
     """The command that is running now, as a user would type it from the repository root."""
-    return "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix().split("/main/")[-1]] + sys.argv[1:])
+    script = Path(sys.argv[0]).resolve()
+    if script.is_relative_to(BENCHMARKS.parent):
+        script = script.relative_to(BENCHMARKS.parent)
+    return "python " + " ".join(shlex.quote(a) for a in [script.as_posix(), *sys.argv[1:]])
 
 
 def write_section(title: str, body: str) -> None:
