@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=REPO / "data" / "librimix", help="embedded data directory")
     parser.add_argument("--teacher", default=str(TEACHER), help="float teacher: directory, file or hub id")
     parser.add_argument("--out", type=Path, default=REPO / "demo_results")
-    parser.add_argument("--epochs", type=int, default=2, help="QAT epochs for each of vanilla and FQSS")
+    parser.add_argument("--epochs", type=int, default=3, help="QAT epochs for each of vanilla and FQSS")
     parser.add_argument("--limit_train_batches", type=float, default=1.0)
     args = parser.parse_args(argv)
     start = time.time()
