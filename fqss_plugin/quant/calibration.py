@@ -42,7 +42,7 @@ def calibration_step(model: nn.Module) -> int:
         for quantizer, (low, high, seen) in zip(quantizers, stats):
             if seen > 0:
                 quantizer.end_calibration_step(low / seen, high / seen)
-    return len(calibrating_quantizers(model))
+    return sum(q.calibrating for q in quantizers)      # a finished quantizer never calibrates again
 
 
 def attach_calibration(optimizer: torch.optim.Optimizer, model: nn.Module):
