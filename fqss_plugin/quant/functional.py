@@ -27,19 +27,15 @@ MAX_SCALE = 1e8
 """Largest step size; keeps a diverged range finite."""
 
 
-def _range_gradients(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                     q_min: int, q_max: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (dL/dx, dL/ds, dL/dz) element-wise, before any reduction to the parameter shape."""
-    u = x * (1.0 / scale)
+def _symmetric_gradients(grad: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, q_min: int,
+                         q_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dw, dL/ds) element-wise for zero point 0, before reducing dL/ds to the step's shape."""
+    u = w * (1.0 / scale)
     r = torch.round(u)
-    q = r + zero_point
-    below = q < q_min
-    above = q > q_max
+    below, above = r < q_min, r > q_max
     inside = ~(below | above)
-    grad_x = grad * inside
-    ds = torch.where(inside, r - u, torch.where(below, q_min - zero_point, q_max - zero_point))
-    dz = torch.where(inside, torch.zeros_like(u), -scale.expand_as(u))
-    return grad_x, grad * ds, grad * dz
+    ds = torch.where(inside, r - u, torch.where(below, float(q_min), float(q_max)))
+    return grad * inside, grad * ds
 
 
 class _PerTensorFakeQuantize(torch.autograd.Function):
@@ -95,7 +91,7 @@ class _PerChannelFakeQuantize(torch.autograd.Function):
         shape = [1] * w.dim()
         shape[axis] = -1
         s = scale.reshape(shape)
-        grad_w, grad_s, _ = _range_gradients(grad, w, s, torch.zeros_like(s), q_min, q_max)
+        grad_w, grad_s = _symmetric_gradients(grad, w, s, q_min, q_max)
         other_dims = [d for d in range(w.dim()) if d != axis]
         grad_s = grad_s.sum(dim=other_dims) if other_dims else grad_s
         return grad_w, grad_s * grad_factor, None, None, None, None
