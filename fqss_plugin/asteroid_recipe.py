@@ -38,7 +38,7 @@ from tqdm import tqdm
 from .asteroid import (FQSSSystem, atomic_save, load_float_model, load_quantized_model, prepare_model,
                        save_quantized_model)
 from .loss import FQSSLoss
-from .quant import QuantConfig
+from .quant import QuantConfig, parameter_groups
 
 MODES = ("float", "vanilla", "fqss")
 METRICS = ["si_sdr", "sdr", "stoi"]
@@ -104,7 +104,8 @@ def check_audio_files(dataset: LibriMix, sample_rate: int) -> None:
 def quant_config(conf: dict) -> QuantConfig:
     quant = conf["quant"]
     preset = QuantConfig.fqss if quant["mode"] == "fqss" else QuantConfig.vanilla
-    return preset(weight_bits=quant["weight_bits"], act_bits=quant["act_bits"], calib_steps=quant["calib_steps"])
+    return preset(weight_bits=quant["weight_bits"], act_bits=quant["act_bits"], calib_steps=quant["calib_steps"],
+                  quantizer_lr=quant.get("quantizer_lr", QuantConfig.quantizer_lr))
 
 
 def build_models(conf: dict, build_float: Callable[[dict], nn.Module]) -> tuple[nn.Module, nn.Module | None]:
@@ -135,10 +136,11 @@ def train(conf: dict, build_float: Callable[[dict], nn.Module]) -> Path:
     val_loader = DataLoader(val_set, shuffle=False, **loader)
 
     model, teacher = build_models(conf, build_float)
-    optimizer = make_optimizer(model.parameters(), **conf["optim"])
+    mode = conf["quant"]["mode"]
+    params = model.parameters() if mode == "float" else parameter_groups(model, quant_config(conf).quantizer_lr)
+    optimizer = make_optimizer(params, **conf["optim"])
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=5) \
         if conf["training"]["half_lr"] else None
-    mode = conf["quant"]["mode"]
     loss = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx") if mode == "float" else \
         FQSSLoss(lambda_kd=conf["quant"]["lambda_kd"] if mode == "fqss" else 0.0)
     system = FQSSSystem(model, optimizer, loss, train_loader, val_loader, scheduler, config=conf, teacher=teacher)

@@ -58,12 +58,12 @@ from speechbrain.inference.separation import SepformerSeparation
 from speechbrain.lobes.models.dual_path import (CumulativeLayerNorm, Decoder, Dual_Computation_Block, Dual_Path_Model,
                                                 Encoder, GlobalLayerNorm, SBTransformerBlock)
 from speechbrain.lobes.models.transformer.Transformer import PositionalEncoding, TransformerEncoderLayer
-from speechbrain.nnet.schedulers import ReduceLROnPlateau, update_learning_rate
+from speechbrain.nnet.schedulers import ReduceLROnPlateau
 from speechbrain.utils import checkpoints as sb_checkpoints
 from speechbrain.utils.distributed import ddp_broadcast
 
 from .loss import FQSSLoss
-from .quant import QuantConfig, calibration_step, prepare, register
+from .quant import QuantConfig, calibration_step, parameter_groups, prepare, register
 from .quant.layers import (NORM_INTERNALS, Add, Mul, OutputQuantized, QAdd, QConvTranspose1d, QMul, QReLU,
                            QuantizedLayer, QuantizedModule, activation_quantizer)
 from .quant.quantizers import ActivationQuantizer, WeightQuantizer
@@ -444,6 +444,20 @@ class FQSSSeparation(sb.Brain):
             logger.warning("fqss: no pretrained_separator in the hparams: the float teacher has the student's "
                            "initial (untrained) weights")
 
+    def init_optimizers(self):
+        """The stock optimizer, over :func:`~fqss_plugin.quant.parameter_groups` when the modules are
+        quantized: the quantizers' ranges learn at ``fqss.quantizer_lr``, the weights at the yaml's ``lr``."""
+        config = getattr(self.hparams, "fqss", None)
+        if self.opt_class is None or config is None or not self.quantized:
+            return super().init_optimizers()
+        if self.remove_vector_weight_decay:
+            raise ValueError("--remove_vector_weight_decay: not supported with quantized modules (the quantizers' "
+                             "ranges already get no weight decay)")
+        self.optimizer = self.opt_class(parameter_groups(self.modules, config.quantizer_lr))
+        self.optimizers_dict = {"opt_class": self.optimizer}
+        if self.checkpointer is not None:
+            self.checkpointer.add_recoverable("optimizer", self.optimizer)
+
     def reset_layer_recursively(self, layer: nn.Module) -> None:
         """Re-initialise the float parameters (as the stock recipe does without a pretrained model),
         then put the quantizers back to their never-seen-data state."""
@@ -593,7 +607,8 @@ class FQSSSeparation(sb.Brain):
             scheduler = getattr(self.hparams, "lr_scheduler", None)
             if isinstance(scheduler, ReduceLROnPlateau):
                 current_lr, next_lr = scheduler([self.optimizer], epoch, stage_loss)
-                update_learning_rate(self.optimizer, next_lr)
+                for group in self.optimizer.param_groups:    # scaled, so the quantizer group keeps its ratio
+                    group["lr"] *= next_lr / current_lr
             self.hparams.train_logger.log_stats(stats_meta={"epoch": epoch, "lr": current_lr},
                                                 train_stats=self.train_stats, valid_stats=stats)
             self.checkpointer.save_and_keep_only(meta={"si-snr": stats["si-snr"]}, min_keys=["si-snr"])

@@ -150,6 +150,8 @@ def test_resume_after_interruption_restores_quantizer_state(recipe, data, tmp_pa
     assert len(checkpoints) == 1
     saved = torch.load(checkpoints[0] / "masknet.ckpt", weights_only=True)
     assert {int(v) for k, v in saved.items() if k.endswith("steps_observed")} == {2}
+    groups = torch.load(checkpoints[0] / "optimizer.ckpt", weights_only=True)["param_groups"]
+    assert len(groups) == 2 and groups[1]["lr"] == 0.01 and groups[1]["weight_decay"] == 0.0   # hparams/fqss.yaml
 
     recovered = {}
 
@@ -164,6 +166,7 @@ def test_resume_after_interruption_restores_quantizer_state(recipe, data, tmp_pa
     assert all(torch.equal(recovered[k], saved[k]) for k in recovered)
     quantizers = [m for m in separator.hparams.MaskNet.modules() if isinstance(m, ActivationQuantizer)]
     assert {int(q.steps_observed) for q in quantizers} == {5}   # 2 before + 3 after the interruption
+    assert [g["lr"] for g in separator.optimizer.param_groups][1] == 0.01
     assert len((out / "train_log.txt").read_text().splitlines()) == 2   # epoch 1, then the test line
 
 

@@ -4,6 +4,7 @@ from .calibration import attach_calibration, calibration_step, is_calibrating
 from .config import QuantConfig
 from .coverage import CoverageReport, coverage_report
 from .layers import Add, Concat, Mul, QAdd, QConcat, QMul, QuantizedLayer, QuantizedModule
+from .optim import parameter_groups, quantizer_parameters
 from .prepare import freeze, prepare
 from .quantizers import ActivationQuantizer, WeightQuantizer
 from .recurrent import QLSTM
@@ -14,5 +15,6 @@ __all__ = [
     "ActivationQuantizer", "Add", "Concat", "Mul", "CoverageReport", "InputSplitter", "OutputCombiner", "QAdd", "QConcat",
     "QLSTM", "QMul", "QMultiheadAttention",
     "QuantConfig", "QuantizedLayer", "QuantizedModule", "WeightQuantizer", "attach_calibration",
-    "calibration_step", "coverage_report", "freeze", "is_calibrating", "prepare", "register",
+    "calibration_step", "coverage_report", "freeze", "is_calibrating", "parameter_groups", "prepare",
+    "quantizer_parameters", "register",
 ]

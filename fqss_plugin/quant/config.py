@@ -23,6 +23,8 @@ class QuantConfig:
         calib_method: ``"ema"`` (running min/max) or ``"mse"`` (MSE-optimal clipping per batch).
         ema_momentum: weight of the past in the running min/max.
         learn_ranges: train steps and zero points after calibration (LSQ+); False keeps them fixed.
+        quantizer_lr: learning rate of the quantizers' (log-)steps and zero points, given to the
+            optimizer by :func:`~fqss_plugin.quant.parameter_groups`; ``None``: the optimizer's own.
         exclude: names of modules (as in ``named_modules``) to leave in float.
     """
 
@@ -35,6 +37,7 @@ class QuantConfig:
     calib_method: str = "ema"
     ema_momentum: float = 0.9
     learn_ranges: bool = True
+    quantizer_lr: float | None = 1e-2
     exclude: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -52,6 +55,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.calib_method must be 'ema' or 'mse', got {self.calib_method!r}")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ValueError(f"QuantConfig.ema_momentum must be in [0, 1), got {self.ema_momentum!r}")
+        if self.quantizer_lr is not None and not (isinstance(self.quantizer_lr, (int, float)) and self.quantizer_lr > 0):
+            raise ValueError(f"QuantConfig.quantizer_lr must be a positive number or None, got {self.quantizer_lr!r}")
         self.exclude = tuple(self.exclude)
 
     @classmethod
