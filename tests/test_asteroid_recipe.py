@@ -115,7 +115,7 @@ def test_interrupted_run_resumes_with_quantizer_state(data_dir, float_exp, tmp_p
     assert int(resumed["state_dict"][f"{key}.steps_observed"]) == 2 * steps
 
 
-def test_bad_inputs_fail_with_one_clear_message(data_dir, float_exp, tmp_path):
+def test_bad_inputs_fail_with_one_clear_message(data_dir, float_exp, tmp_path, monkeypatch):
     with pytest.raises(RecipeError, match="no LibriMix metadata"):
         make_dataset(conf_for("float", tmp_path / "missing", tmp_path / "exp"), "dev", 1.0)
     with pytest.raises(RecipeError, match="--conf .*no such file"):
@@ -133,6 +133,11 @@ def test_bad_inputs_fail_with_one_clear_message(data_dir, float_exp, tmp_path):
     bad_wav.write_bytes(b"not a wav file")
     with pytest.raises(RecipeError, match=f"{bad_wav.name}: missing or unreadable audio"):
         make_dataset(conf_for("float", corrupt / "data", tmp_path / "exp"), "dev", None)
+    # a large split is only sampled up front; a bad file outside the sample is named when it is read
+    monkeypatch.setattr("fqss_plugin.asteroid_recipe.MAX_CHECKED_FILES", 1)   # sample: the first mixture only
+    dataset = make_dataset(conf_for("float", corrupt / "data", tmp_path / "exp"), "dev", None)
+    with pytest.raises(RecipeError, match=f"row 0: missing or unreadable audio .*{bad_wav.name}"):
+        dataset[0]
     not_a_package = tmp_path / "state_dict.pth"
     torch.save({"weight": torch.zeros(3)}, not_a_package)
     with pytest.raises(ValueError, match="not an Asteroid model package"):

@@ -23,10 +23,14 @@ def test_demo_runs_end_to_end_on_tiny_data(tmp_path, capsys):
     assert main(["--data", str(tmp_path / "data"), "--teacher", str(teacher), "--out", str(tmp_path / "out"),
                  "--epochs", "1", "--limit_train_batches", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "| model | Float SI-SDRi | Vanilla QAT 8-bit | FQSS 8-bit |" in printed
+    assert "| model | Float SI-SDRi | Float + | Vanilla QAT 8-bit | FQSS 8-bit |" in printed
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["test_mixtures"] == len(results["per_mixture_si_sdri"]["fqss"]) == 3
-    assert set(results["delta_vs_float"]) == {"vanilla", "fqss"}
+    assert set(results["delta_vs_float"]) == {"float_more", "vanilla", "fqss"}
+    assert set(results["delta_vs_float_more"]) == {"vanilla", "fqss"}
+    # "Float +" is the teacher fine-tuned in float: a float package, trained for the same steps at the QAT lr
+    float_more = json.loads((tmp_path / "out" / "float_more" / "best_k_models.json").read_text())
+    assert float_more and (tmp_path / "out" / "float_more" / "best_model.pth").is_file()
     assert (tmp_path / "out" / "per_mixture.png").stat().st_size > 10_000
 
 

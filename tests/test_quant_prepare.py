@@ -134,6 +134,31 @@ def test_coverage_report_finds_functional_float_ops_and_unwrapped_modules():
     assert "NOT fully quantized" in str(report)
 
 
+class FloatProductIntoNorm(nn.Module):
+    def __init__(self, product: nn.Module | None = None):
+        super().__init__()
+        self.encoder = nn.Conv1d(1, 4, 1)
+        self.norm = nn.GroupNorm(1, 4)
+        self.decoder = nn.Conv1d(4, 1, 1)
+        self.product = product
+
+    def forward(self, x):
+        y = self.encoder(x)
+        y = self.product(y, y) if self.product is not None else y * y   # functional: a float tensor...
+        return self.decoder(self.norm(y))                                 # ...straight into a wrapped norm
+
+
+def test_coverage_report_finds_a_float_tensor_entering_an_output_quantized_op():
+    """A wrapped norm quantizes its output, not its input: an integer engine would get a float tensor."""
+    def coverage(model):
+        model = fq.prepare(model, fq.QuantConfig.vanilla(), encoder="encoder", decoder="decoder")
+        return fq.coverage_report(model, torch.randn(2, 1, 10))
+
+    report = coverage(FloatProductIntoNorm())
+    assert report.float_ops == {"mul in <root>": 1}, str(report)
+    assert coverage(FloatProductIntoNorm(product=fq.quant.Mul())).fully_quantized   # the Mul marker: quantized
+
+
 def test_prepare_rejects_bad_layer_names_with_a_clear_message():
     with pytest.raises(ValueError, match="encoder='enc'.*not a submodule"):
         fq.prepare(ToySeparator(), fq.QuantConfig.fqss(), encoder="enc", decoder="decoder")

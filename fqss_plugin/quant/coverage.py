@@ -11,7 +11,8 @@
   their inputs. An op whose float output is consumed by another arithmetic op before being
   quantized is reported, with the module it ran in: this finds functional code such as
   ``x + residual`` or ``mask * features`` that no module walk can see. The float op wrapped by
-  an :class:`OutputQuantized` module counts as one op, whatever it computes internally.
+  an :class:`OutputQuantized` module counts as one op, whatever it computes internally; a float
+  tensor that such a module takes in is reported like one consumed by any other op.
 """
 from __future__ import annotations
 
@@ -41,9 +42,11 @@ SHAPE_OPS = frozenset({
     "unflatten", "contiguous", "expand", "expand_as", "repeat", "narrow", "select", "__getitem__", "split",
     "chunk", "unbind", "cat", "concat", "stack", "pad", "flip", "roll", "clone", "detach", "to", "cpu", "cuda",
     "movedim", "unfold", "split_with_sizes", "tensor_split", "index_select", "gather", "tile", "dropout",
+    "type", "float",
 })
 """Ops that only move values around (zero padding included: 0 is exactly representable; dropout is the
-identity in eval mode, where the tracer runs)."""
+identity in eval mode, where the tracer runs; ``type``/``float`` casts between float dtypes, e.g.
+SpeechBrain's ``torch.zeros(...).type(x.dtype)`` padding)."""
 
 FILL_OPS = frozenset({"masked_fill"})
 """Ops that overwrite selected entries with a constant: they keep their input's state when the
@@ -159,7 +162,11 @@ class _FloatOpTracer(TorchFunctionMode):
         self.float_ops: Counter[str] = Counter()
 
     # module stack, maintained by global forward hooks
-    def enter(self, module: nn.Module, _inputs) -> None:
+    def enter(self, module: nn.Module, inputs) -> None:
+        if isinstance(module, OutputQuantized) and not self._inside_grid_module():
+            # its float op runs unseen (as one op): a float tensor it takes in is consumed unquantized
+            for tensor in _float_tensors(inputs):
+                self._consume(tensor)
         self.stack.append(module)
 
     def leave(self, module: nn.Module, _inputs, output) -> None:
@@ -202,14 +209,19 @@ class _FloatOpTracer(TorchFunctionMode):
             return out
         inside_wrapper = any(_is_quantized(m) for m in self.stack)
         for tensor in inputs:
-            label = self.state.get(id(tensor), (None, None))[1]
-            if label is not None:
-                self.float_ops[label] += 1
-                self.state[id(tensor)] = (tensor, None)   # report each float tensor once
-            elif isinstance(tensor, nn.Parameter) and not inside_wrapper:
+            if not self._consume(tensor) and isinstance(tensor, nn.Parameter) and not inside_wrapper:
                 self.float_ops[f"float parameter used by {op} in {self._where()}"] += 1
         self.mark(outputs, f"{op} in {self._where()}")
         return out
+
+    def _consume(self, tensor: torch.Tensor) -> bool:
+        """Count ``tensor`` as a float op's output used unquantized, if it is one (each only once)."""
+        label = self.state.get(id(tensor), (None, None))[1]
+        if label is None:
+            return False
+        self.float_ops[label] += 1
+        self.state[id(tensor)] = (tensor, None)
+        return True
 
 
 def _fills_grid_constant(args, kwargs) -> bool:
