@@ -64,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         more = "-" if name == "float +" else f"{vs_more[0]:+.3f} ± {vs_more[1]:.3f}"
         rows.append(f"| {name} | `{conf_name}.yml {' '.join(flags)}` | {mean:.3f} | {vs_float[0]:+.3f} ± "
                     f"{vs_float[1]:.3f} | {more} | {minutes[name]:.1f} | {note} |")
+    pairs = [("FQSS", "vanilla"), ("FQSS I/O, no distillation (lambda_kd 0)", "vanilla"),
+             ("FQSS I/O, no distillation (lambda_kd 0)", "FQSS"), ("vanilla", "vanilla, ranges at the weights' lr"),
+             ("FQSS", "FQSS, ranges at the weights' lr")]
+    comparisons = []
+    for a, b in pairs:
+        mean, half = paired_delta(per_mixture[a], per_mixture[b])
+        comparisons.append(f"* {a} - {b}: {mean:+.3f} ± {half:.3f} dB")
+        summary[f"{a} - {b}"] = (mean, half)
     float_mean = sum(per_mixture["float"]) / len(per_mixture["float"])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "qat_ablation.json").write_text(json.dumps({"summary": summary, "per_mixture": per_mixture}, indent=2))
@@ -73,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             f"(float SI-SDRi {float_mean:.3f} dB). Each variant: {args.epochs} epoch(s) of the ConvTasNet recipe "
             f"(272 steps per epoch, batch 4 x 1 s, weights at Adam {WEIGHT_LR}, 100 calibration steps, seed 0), "
             f"1 CPU thread; SI-SDRi on the {len(per_mixture['float'])} embedded test mixtures (synthetic voices: not "
-            "LibriMix numbers), deltas paired per mixture.\n\n" + "\n".join(rows))
+            "LibriMix numbers), deltas paired per mixture.\n\n" + "\n".join(rows)
+            + "\n\nPaired differences between variants (same mixtures, 95% CI):\n\n" + "\n".join(comparisons))
     print(body)
     write_section("QAT ablation (embedded ConvTasNet)", body)
     return 0

@@ -28,6 +28,8 @@ def test_demo_runs_end_to_end_on_tiny_data(tmp_path, capsys):
     assert results["test_mixtures"] == len(results["per_mixture_si_sdri"]["fqss"]) == 3
     assert set(results["delta_vs_float"]) == {"float_more", "vanilla", "fqss"}
     assert set(results["delta_vs_float_more"]) == {"vanilla", "fqss"}
+    assert set(results["delta_vs_float_by_half"]["fqss"]) == {"lower", "upper"}
+    assert "below | above the float median" in printed
     # "Float +" is the teacher fine-tuned in float: a float package, trained for the same steps at the QAT lr
     float_more = json.loads((tmp_path / "out" / "float_more" / "best_k_models.json").read_text())
     assert float_more and (tmp_path / "out" / "float_more" / "best_model.pth").is_file()
