@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -30,7 +31,7 @@ from asteroid.engine.optimizers import make_optimizer
 from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
 from asteroid.metrics import get_metrics
 from asteroid.utils import parse_args_as_dict, prepare_parser_from_dict
-from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
@@ -143,6 +144,24 @@ def build_models(conf: dict, build_float: Callable[[dict], nn.Module]) -> tuple[
     return student, teacher
 
 
+class LastCheckpoint(Callback):
+    """Write ``last.ckpt`` at the end of *every* training epoch, atomically (temporary file, then rename).
+
+    Lightning's ``ModelCheckpoint(save_last=True)`` only refreshes ``last.ckpt`` when a top-k
+    checkpoint is saved, so a run interrupted after epochs that did not improve would resume from
+    the last improvement and redo them; a half-written file is never left either.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        partial = self.path.with_name(self.path.name + ".tmp")
+        trainer.save_checkpoint(partial)
+        if trainer.is_global_zero:
+            os.replace(partial, self.path)
+
+
 def train(conf: dict, build_float: Callable[[dict], nn.Module]) -> Path:
     """Train (or fine-tune with QAT) and write ``best_model.pth``; resumes from ``checkpoints/last.ckpt``."""
     exp_dir = Path(conf["main_args"]["exp_dir"])
@@ -169,9 +188,8 @@ def train(conf: dict, build_float: Callable[[dict], nn.Module]) -> Path:
     system = FQSSSystem(model, optimizer, loss, train_loader, val_loader, scheduler, config=conf, teacher=teacher)
 
     checkpoint_dir = exp_dir / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, monitor="val_loss", mode="min", save_top_k=3, save_last=True,
-                                 verbose=True)
-    callbacks = [checkpoint]
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, monitor="val_loss", mode="min", save_top_k=3, verbose=True)
+    callbacks = [checkpoint, LastCheckpoint(checkpoint_dir / "last.ckpt")]
     if conf["training"]["early_stop"]:
         callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=30))
     trainer = pl.Trainer(max_epochs=conf["training"]["epochs"], callbacks=callbacks, default_root_dir=str(exp_dir),

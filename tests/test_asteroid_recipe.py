@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import huggingface_hub
+import pytorch_lightning
 import pytest
 import torch
 
@@ -148,3 +149,41 @@ def test_bad_inputs_fail_with_one_clear_message(data_dir, float_exp, tmp_path, m
         load_float_model(exp / "best_model.pth")
     with pytest.raises(RecipeError, match="needs --pretrained"):
         train(conf_for("fqss", data_dir, tmp_path / "nopre"), build_float_model)
+
+
+class ConstantValidation(pytorch_lightning.LightningModule):
+    """One weight, one step per epoch, a validation loss that never improves."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight * batch[0]).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", 1.0)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(1, 1)))
+
+    def val_dataloader(self):
+        return self.train_dataloader()
+
+
+def test_last_checkpoint_is_every_epoch_even_without_improvement(tmp_path):
+    """Lightning's save_last only follows top-k saves: its last.ckpt would stay at epoch 0 here."""
+    from fqss_plugin.asteroid_recipe import LastCheckpoint
+    lightning_last = pytorch_lightning.callbacks.ModelCheckpoint(dirpath=tmp_path / "lightning", monitor="val_loss",
+                                                                 save_top_k=1, save_last=True)
+    trainer = pytorch_lightning.Trainer(max_epochs=3, logger=False, enable_progress_bar=False,
+                                        enable_model_summary=False,
+                                        callbacks=[lightning_last, LastCheckpoint(tmp_path / "last.ckpt")])
+    trainer.fit(ConstantValidation())
+    assert torch.load(tmp_path / "lightning" / "last.ckpt", weights_only=True)["epoch"] == 0
+    ours = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert ours["epoch"] == 2 and ours["global_step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "lightning"]     # no temporary file left
