@@ -47,11 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     for index, (name, (conf_name, flags, _)) in enumerate(VARIANTS.items()):
         start = time.time()
         exp_dir = args.out / f"{index}_{conf_name}"
-        print(f"-- {name}: {conf_name}.yml {' '.join(flags)}")
+        reused = (exp_dir / "best_model.pth").is_file()   # an earlier invocation finished it: the recipe resumes
+        print(f"-- {name}: {conf_name}.yml {' '.join(flags)}{' (reused)' if reused else ''}")
         conf = fine_tune("ConvTasNet", conf_name, args.teacher, args.data, exp_dir, args.epochs,
                          flags=(*flags, "--progress_bar", "false"))
         sources[name] = exp_dir / "best_model.pth"
-        minutes[name] = (time.time() - start) / 60
+        minutes[name] = "reused" if reused else f"{(time.time() - start) / 60:.1f}"
     per_mixture, _ = score(sources, conf)
     rows = ["| variant | conf and flags | SI-SDRi (dB) | - float (95% CI) | - float + (95% CI) | train min | note |",
             "|---|---|---|---|---|---|---|"]
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         summary[name] = {"si_sdri": mean, "vs_float": vs_float, "vs_float_more": vs_more}
         more = "-" if name == "float +" else f"{vs_more[0]:+.3f} ± {vs_more[1]:.3f}"
         rows.append(f"| {name} | `{conf_name}.yml {' '.join(flags)}` | {mean:.3f} | {vs_float[0]:+.3f} ± "
-                    f"{vs_float[1]:.3f} | {more} | {minutes[name]:.1f} | {note} |")
+                    f"{vs_float[1]:.3f} | {more} | {minutes[name]} | {note} |")
     pairs = [("FQSS", "vanilla"), ("FQSS I/O, no distillation (lambda_kd 0)", "vanilla"),
              ("FQSS I/O, no distillation (lambda_kd 0)", "FQSS"), ("vanilla", "vanilla, ranges at the weights' lr"),
              ("FQSS", "FQSS, ranges at the weights' lr")]

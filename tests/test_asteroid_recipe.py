@@ -11,7 +11,8 @@ import torch
 
 from fqss_plugin.asteroid import load_float_model, resolve_package
 from fqss_plugin.quant import ActivationQuantizer
-from fqss_plugin.asteroid_recipe import RecipeError, evaluate, load_model, make_dataset, parse_conf, train
+from fqss_plugin.asteroid_recipe import (RecipeError, evaluate, load_model, make_dataset, make_loaders, parse_conf,
+                                         train)
 from fqss_plugin.data.speech import SpeechConfig, generate_speech
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "LibriMix"
@@ -83,6 +84,17 @@ def test_dptnet_recipe_trains_a_teacher_then_fqss(data_dir, tmp_path):
     assert type(model.masker.layers[0][0].recurrent).__name__ == "QLSTM"
     assert type(model.masker.layers[0][0].mha).__name__ == "QMultiheadAttention"
     assert set(evaluate(conf, metrics=["si_sdr"])) == {"si_sdr", "si_sdr_imp"}
+
+
+def test_validation_sees_the_same_whole_mixtures_every_epoch(data_dir, tmp_path):
+    train_loader, val_loader = make_loaders(conf_for("float", data_dir, tmp_path))
+    first, second = list(val_loader), list(val_loader)
+    assert len(first) == len(val_loader.dataset) and val_loader.batch_size == 1
+    for (mix_a, sources_a, id_a), (mix_b, sources_b, id_b) in zip(first, second):
+        assert id_a == id_b and torch.equal(mix_a, mix_b) and torch.equal(sources_a, sources_b)
+    assert [mix.shape[-1] for mix, _, _ in first] == list(val_loader.dataset.df["length"])   # whole mixtures
+    crops = [mix.shape[-1] for mix, _ in train_loader]
+    assert set(crops) == {8000}                                                              # 1 s training crops
 
 
 def test_teacher_loads_from_a_preseeded_hub_cache_offline(float_exp, tmp_path, monkeypatch):
