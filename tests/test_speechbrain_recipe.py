@@ -64,6 +64,7 @@ def test_recipe_hparams_parse():
             assert type(hparams["MaskNet"]).__name__ == "QDual_Path_Model"
             assert (hparams["float_teacher"] is not None) == ("fqss" in path.name)
             assert hparams["precision"] == "fp32" and "pretrained_separator" in hparams
+            assert hparams["fqss"].quantizer_lr == hparams["quantizer_lr"] == 0.01    # a top-level key: --quantizer_lr
 
 
 def results(out: Path) -> list[dict]:
