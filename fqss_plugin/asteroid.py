@@ -213,7 +213,10 @@ class FQSSSystem(System):
                 raise ValueError("FQSSSystem: the loss has lambda_kd > 0 but no teacher was given")
             with torch.no_grad():
                 teacher_estimate = self.teacher(inputs)
-        return self.loss_func(estimate, targets, teacher_estimate)
+        loss = self.loss_func(estimate, targets, teacher_estimate)
+        if self.loss_func.distillation_share is not None:
+            self.log("kd_share", self.loss_func.distillation_share, on_epoch=True, on_step=False)
+        return loss
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)

@@ -72,6 +72,10 @@ class FQSSLoss(nn.Module):
         self.lambda_kd = lambda_kd
         self.task = task
         self.weight_range = weight_range
+        self.distillation_share: float | None = None
+        """Speech: the distillation term's share of the last call's linear sum, ``λ·mean(w K) / (…)``,
+        which is also its share of the gradient in dB. With the student ~25 dB from the teacher and
+        ~10 dB from the truth, ``λ = 0.1`` gives the distillation about 80 %."""
 
     @torch.no_grad()
     def sample_weights(self, estimate: torch.Tensor, target: torch.Tensor,
@@ -95,10 +99,12 @@ class FQSSLoss(nn.Module):
         teacher_estimate = teacher_estimate.detach() if distill else None
         lam = self.lambda_kd
         if self.task == "sisdr":
-            value = (1 - lam) * pit_sisdr_linear(estimate, target).mean()
+            task = (1 - lam) * pit_sisdr_linear(estimate, target).mean()
+            value = task
             if distill:
                 weights = self.sample_weights(estimate, target, teacher_estimate)
                 value = value + lam * (weights * pit_sisdr_linear(estimate, teacher_estimate)).mean()
+            self.distillation_share = float(1 - task.detach() / value.detach())
             return -10 * torch.log10(value + EPS)
         loss = (1 - lam) * l1_per_example(estimate, target).mean()
         if distill:

@@ -66,6 +66,8 @@ def test_qat_runs_from_a_local_teacher_and_writes_asteroid_outputs(mode, data_di
         assert (exp / name).is_file(), name
     groups = torch.load(exp / "checkpoints" / "last.ckpt", weights_only=True)["optimizer_states"][0]["param_groups"]
     assert [g["lr"] for g in groups] == [conf["optim"]["lr"], conf["quant"]["quantizer_lr"]]   # ranges at their own lr
+    logged = (exp / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "kd_share" in logged                     # the distillation term's share of the objective (0 for vanilla)
     model = load_model(best)                         # the one documented reload call
     quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
     assert quantizers and all(bool(q.initialized) for q in quantizers)

@@ -103,3 +103,18 @@ def test_bad_arguments_are_named():
 def test_silence_gives_a_finite_loss():
     zeros = torch.zeros(2, 2, 1000)
     assert torch.isfinite(FQSSLoss(0.1)(zeros, sources(2, 1000), zeros))
+
+
+def test_distillation_share_of_the_linear_sum():
+    """λ = 0.1 is not 10 % of the objective: K (student vs teacher) is much larger than T in the linear domain."""
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(4, 2, 8000, generator=gen)
+    teacher = target + 10 ** (-10 / 20) * torch.randn(4, 2, 8000, generator=gen)     # ~10 dB from the truth
+    student = teacher + 10 ** (-25 / 20) * torch.randn(4, 2, 8000, generator=gen)    # ~25 dB from the teacher
+    loss = FQSSLoss(lambda_kd=0.1)
+    loss(student, target, teacher)
+    t, k = 10 ** (10 / 10), 10 ** (25 / 10)
+    assert loss.distillation_share == pytest.approx(0.1 * k / (0.9 * t + 0.1 * k), abs=0.03)     # about 0.78
+    vanilla = FQSSLoss(lambda_kd=0.0)
+    vanilla(student, target)
+    assert vanilla.distillation_share == 0.0
