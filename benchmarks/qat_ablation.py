@@ -23,6 +23,7 @@ from benchmarks.report import command_line, write_section  # noqa: E402
 from fqss_plugin.demo import TEACHER, fine_tune, paired_delta, score  # noqa: E402
 
 WEIGHT_LR = "0.0001"
+SPREAD_NOTE = ("Single seed: the training crops come from Python's `random`, so two invocations that differ in anything consuming it (an earlier one validated on random crops) train on other crops; across such invocations these deltas moved by up to 0.05 dB, so read differences below that as noise.")
 VARIANTS = {   # name: (conf, flags, what it shows)
     "float +": ("float", ("--lr", WEIGHT_LR), "no quantization: the gain of the extra float steps alone"),
     "vanilla, ranges at the weights' lr": ("vanilla", ("--quantizer_lr", WEIGHT_LR), "before quantizer_lr"),
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             f"(272 steps per epoch, batch 4 x 1 s, weights at Adam {WEIGHT_LR}, 100 calibration steps, seed 0), "
             f"1 CPU thread; SI-SDRi on the {len(per_mixture['float'])} embedded test mixtures (synthetic voices: not "
             "LibriMix numbers), deltas paired per mixture.\n\n" + "\n".join(rows)
-            + "\n\nPaired differences between variants (same mixtures, 95% CI):\n\n" + "\n".join(comparisons))
+            + "\n\nPaired differences between variants (same mixtures, 95% CI):\n\n" + "\n".join(comparisons)
+            + "\n\n" + SPREAD_NOTE)
     print(body)
     write_section("QAT ablation (embedded ConvTasNet)", body)
     return 0
