@@ -607,8 +607,9 @@ class FQSSSeparation(sb.Brain):
             scheduler = getattr(self.hparams, "lr_scheduler", None)
             if isinstance(scheduler, ReduceLROnPlateau):
                 current_lr, next_lr = scheduler([self.optimizer], epoch, stage_loss)
-                for group in self.optimizer.param_groups:    # scaled, so the quantizer group keeps its ratio
-                    group["lr"] *= next_lr / current_lr
+                if next_lr != current_lr and current_lr > 0:
+                    for group in self.optimizer.param_groups:    # scaled: the quantizer group keeps its ratio
+                        group["lr"] *= next_lr / current_lr
             self.hparams.train_logger.log_stats(stats_meta={"epoch": epoch, "lr": current_lr},
                                                 train_stats=self.train_stats, valid_stats=stats)
             self.checkpointer.save_and_keep_only(meta={"si-snr": stats["si-snr"]}, min_keys=["si-snr"])
