@@ -23,7 +23,9 @@ from benchmarks.report import command_line, write_section  # noqa: E402
 from fqss_plugin.demo import TEACHER, fine_tune, paired_delta, score  # noqa: E402
 
 WEIGHT_LR = "0.0001"
-SPREAD_NOTE = ("Single seed: the training crops come from Python's `random`, so two invocations that differ in anything consuming it (an earlier one validated on random crops) train on other crops; across such invocations these deltas moved by up to 0.05 dB, so read differences below that as noise.")
+SPREAD_NOTE = ("Single seed: the training crops come from Python's `random`, so two invocations that differ in "
+               "anything consuming it (an earlier one validated on random crops) train on other crops; across such "
+               "invocations these deltas moved by up to 0.05 dB, so read differences below that as noise.")
 VARIANTS = {   # name: (conf, flags, what it shows)
     "float +": ("float", ("--lr", WEIGHT_LR), "no quantization: the gain of the extra float steps alone"),
     "vanilla, ranges at the weights' lr": ("vanilla", ("--quantizer_lr", WEIGHT_LR), "before quantizer_lr"),

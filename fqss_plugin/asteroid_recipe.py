@@ -46,6 +46,8 @@ MODES = ("float", "vanilla", "fqss")
 METRICS = ["si_sdr", "sdr", "stoi"]
 MAX_CHECKED_FILES = 4000
 """Audio files whose header :func:`check_audio_files` reads when a dataset is built (evenly spaced)."""
+AUDIO_ERRORS = (RuntimeError, sf.LibsndfileError)
+"""What soundfile raises on a missing or unreadable file."""
 
 
 class RecipeError(ValueError):
@@ -90,7 +92,7 @@ class CheckedLibriMix(LibriMix):
     def __getitem__(self, idx):
         try:
             return super().__getitem__(idx)
-        except (RuntimeError, sf.LibsndfileError) as error:
+        except AUDIO_ERRORS as error:
             raise RecipeError(f"{self.csv_path}: row {idx}: missing or unreadable audio ({error})") from None
 
 
@@ -118,7 +120,7 @@ def check_audio_files(dataset: LibriMix, sample_rate: int) -> None:
     for path in paths:
         try:
             rate = sf.info(path).samplerate
-        except (RuntimeError, sf.LibsndfileError) as error:
+        except AUDIO_ERRORS as error:
             raise RecipeError(f"{path}: missing or unreadable audio ({error})") from None
         if rate != sample_rate:
             raise RecipeError(f"{path}: sample rate {rate} Hz, but data.sample_rate is {sample_rate} Hz")
