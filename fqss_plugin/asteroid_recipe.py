@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Callable
@@ -134,16 +135,46 @@ def quant_config(conf: dict) -> QuantConfig:
                   quantizer_lr=quant.get("quantizer_lr", QuantConfig.quantizer_lr))
 
 
-def build_models(conf: dict, build_float: Callable[[dict], nn.Module]) -> tuple[nn.Module, nn.Module | None]:
-    """(model to train, float teacher or None) for the configured mode."""
+def build_models(conf: dict, build_float: Callable[[dict], nn.Module],
+                 config: QuantConfig | None) -> tuple[nn.Module, nn.Module | None]:
+    """(model to train, float teacher or None) for the configured mode (``config`` is None in float mode)."""
     mode, pretrained = conf["quant"]["mode"], conf["main_args"]["pretrained"]
-    if mode == "float":
+    if config is None:
         return (load_float_model(pretrained) if pretrained else build_float(conf)), None
     if not pretrained:
         raise RecipeError(f"quant.mode={mode} needs --pretrained (the float model: hub id, directory or file)")
     teacher = load_float_model(pretrained)
-    student = prepare_model(copy.deepcopy(teacher), quant_config(conf))
+    student = prepare_model(copy.deepcopy(teacher), config)
     return student, teacher
+
+
+def check_resumable(checkpoint: Path, system: pl.LightningModule) -> None:
+    """Refuse, with one message naming ``checkpoint``, a ``last.ckpt`` this run cannot resume from.
+
+    Lightning would otherwise fail deep inside ``load_state_dict`` (another architecture or
+    quantization mode in the same ``exp_dir``), or inside the optimizer (a QAT checkpoint written
+    before the quantizer ranges got their own parameter group).
+    """
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        saved, groups = state["state_dict"], state["optimizer_states"][0]["param_groups"]
+    except (OSError, RuntimeError, KeyError, IndexError, pickle.UnpicklingError) as error:
+        raise RecipeError(f"{checkpoint}: not a readable Lightning checkpoint ({error}); "
+                          f"delete it to start this run from scratch") from None
+    expected = system.state_dict()
+    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & saved.keys() if saved[k].shape != expected[k].shape)
+    hint = "it was written by another conf in this exp_dir: use a new --exp_dir, or delete it to start afresh"
+    if missing or unexpected or reshaped:
+        first = (missing or unexpected or reshaped)[0]
+        raise RecipeError(f"{checkpoint}: does not match this model ({len(missing)} missing, {len(unexpected)} "
+                          f"unexpected, {len(reshaped)} reshaped tensors, e.g. {first!r}); {hint}")
+    optimizer = system.optimizer
+    if len(groups) != len(optimizer.param_groups):
+        raise RecipeError(f"{checkpoint}: its optimizer has {len(groups)} parameter group(s), this run has "
+                          f"{len(optimizer.param_groups)} (weights, and quantizer ranges at quant.quantizer_lr); "
+                          f"{hint} (a QAT checkpoint from before quantizer_lr: repackage it with "
+                          f"write_best_model and pass that as --pretrained)")
 
 
 def make_loaders(conf: dict) -> tuple[DataLoader, DataLoader]:
@@ -190,9 +221,10 @@ def train(conf: dict, build_float: Callable[[dict], nn.Module]) -> Path:
 
     train_loader, val_loader = make_loaders(conf)
 
-    model, teacher = build_models(conf, build_float)
     mode = conf["quant"]["mode"]
-    params = model.parameters() if mode == "float" else parameter_groups(model, quant_config(conf).quantizer_lr)
+    config = None if mode == "float" else quant_config(conf)
+    model, teacher = build_models(conf, build_float, config)
+    params = model.parameters() if config is None else parameter_groups(model, config.quantizer_lr)
     optimizer = make_optimizer(params, **conf["optim"])
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=5) \
         if conf["training"]["half_lr"] else None
@@ -212,6 +244,8 @@ def train(conf: dict, build_float: Callable[[dict], nn.Module]) -> Path:
                          limit_val_batches=conf["training"]["limit_val_batches"],
                          enable_progress_bar=conf["training"]["progress_bar"], deterministic="warn")
     last = checkpoint_dir / "last.ckpt"
+    if last.is_file():
+        check_resumable(last, system)
     trainer.fit(system, ckpt_path=str(last) if last.is_file() else None)
 
     with open(exp_dir / "best_k_models.json", "w") as handle:

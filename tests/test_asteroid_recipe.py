@@ -130,6 +130,29 @@ def test_interrupted_run_resumes_with_quantizer_state(data_dir, float_exp, tmp_p
     assert int(resumed["state_dict"][f"{key}.steps_observed"]) == 2 * steps
 
 
+def test_resume_refuses_a_checkpoint_this_run_cannot_continue(data_dir, float_exp, tmp_path):
+    """Another mode's last.ckpt in the exp_dir, or a QAT one from before the quantizer-range
+    parameter group, fails with one message naming the file (not torch's state-dict error)."""
+    exp = tmp_path / "reused"
+    shutil.copytree(float_exp / "checkpoints", exp / "checkpoints")       # a float run's last.ckpt
+    with pytest.raises(RecipeError, match=r"last.ckpt: does not match this model \(\d+ missing, \d+ unexpected"):
+        train(conf_for("fqss", data_dir, exp, "--pretrained", str(float_exp)), build_float_model)
+    qat = tmp_path / "qat"
+    train(conf_for("vanilla", data_dir, qat, "--pretrained", str(float_exp)), build_float_model)
+    last = qat / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)
+    groups = state["optimizer_states"][0]["param_groups"]
+    groups[0]["params"] += groups.pop(1)["params"]                          # the one-group layout of older runs
+    torch.save(state, last)
+    with pytest.raises(RecipeError, match="last.ckpt: its optimizer has 1 parameter group"):
+        train(conf_for("vanilla", data_dir, qat, "--pretrained", str(float_exp), "--epochs", "2"),
+              build_float_model)
+    last.write_bytes(b"truncated")
+    with pytest.raises(RecipeError, match="last.ckpt: not a readable Lightning checkpoint"):
+        train(conf_for("vanilla", data_dir, qat, "--pretrained", str(float_exp), "--epochs", "2"),
+              build_float_model)
+
+
 def test_bad_inputs_fail_with_one_clear_message(data_dir, float_exp, tmp_path, monkeypatch):
     with pytest.raises(RecipeError, match="no LibriMix metadata"):
         make_dataset(conf_for("float", tmp_path / "missing", tmp_path / "exp"), "dev", 1.0)
