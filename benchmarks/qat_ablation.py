@@ -45,9 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=REPO / "data" / "librimix")
     parser.add_argument("--out", type=Path, default=REPO / "exp" / "qat_ablation")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
+                        help=f"run these variants only (default all: {', '.join(VARIANTS)})")
+    parser.add_argument("--no-write", action="store_true", help="print, do not write BENCHMARKS.md")
     args = parser.parse_args(argv)
+    variants = {name: VARIANTS[name] for name in VARIANTS if not args.only or name in args.only}
     conf, sources, minutes = None, {"float": args.teacher}, {}
     for index, (name, (conf_name, flags, _)) in enumerate(VARIANTS.items()):
+        if name not in variants:
+            continue
         start = time.time()
         exp_dir = args.out / f"{index}_{conf_name}"
         reused = (exp_dir / "best_model.pth").is_file()   # an earlier invocation finished it: the recipe resumes
@@ -60,19 +66,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = ["| variant | conf and flags | SI-SDRi (dB) | - float (95% CI) | - float + (95% CI) | train min | note |",
             "|---|---|---|---|---|---|---|"]
     summary = {}
-    for name, (conf_name, flags, note) in VARIANTS.items():
+    for name, (conf_name, flags, note) in variants.items():
         vs_float = paired_delta(per_mixture[name], per_mixture["float"])
-        vs_more = paired_delta(per_mixture[name], per_mixture["float +"])
+        vs_more = paired_delta(per_mixture[name], per_mixture["float +"]) if "float +" in per_mixture else None
         mean = sum(per_mixture[name]) / len(per_mixture[name])
         summary[name] = {"si_sdri": mean, "vs_float": vs_float, "vs_float_more": vs_more}
-        more = "-" if name == "float +" else f"{vs_more[0]:+.3f} ± {vs_more[1]:.3f}"
+        more = "-" if name == "float +" or vs_more is None else f"{vs_more[0]:+.3f} ± {vs_more[1]:.3f}"
         rows.append(f"| {name} | `{conf_name}.yml {' '.join(flags)}` | {mean:.3f} | {vs_float[0]:+.3f} ± "
                     f"{vs_float[1]:.3f} | {more} | {minutes[name]} | {note} |")
     pairs = [("FQSS", "vanilla"), ("FQSS I/O, no distillation (lambda_kd 0)", "vanilla"),
              ("FQSS I/O, no distillation (lambda_kd 0)", "FQSS"), ("vanilla", "vanilla, ranges at the weights' lr"),
              ("FQSS", "FQSS, ranges at the weights' lr")]
     comparisons = []
-    for a, b in pairs:
+    for a, b in (pair for pair in pairs if set(pair) <= set(variants)):
         mean, half = paired_delta(per_mixture[a], per_mixture[b])
         comparisons.append(f"* {a} - {b}: {mean:+.3f} ± {half:.3f} dB")
         summary[f"{a} - {b}"] = (mean, half)
@@ -89,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             + "\n\nPaired differences between variants (same mixtures, 95% CI):\n\n" + "\n".join(comparisons)
             + "\n\n" + SPREAD_NOTE)
     print(body)
-    write_section("QAT ablation (embedded ConvTasNet)", body)
+    if not args.no_write:
+        write_section("QAT ablation (embedded ConvTasNet)", body)
     return 0
 
 
