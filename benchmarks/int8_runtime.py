@@ -65,22 +65,29 @@ def dataset(split: str, segment: float | None):
                     sample_rate=8000, n_src=2, segment=segment)
 
 
+def recipe_loss_settings() -> dict:
+    """``lambda_kd`` and ``average`` of the recipe's ``conf/fqss.yml`` (the QAT loss it trains with)."""
+    import yaml
+    quant = yaml.safe_load((RECIPE / "conf" / "fqss.yml").read_text())["quant"]
+    return {"lambda_kd": float(quant["lambda_kd"]), "average": quant.get("loss_average", "linear")}
+
+
 def qat(teacher, steps: int, calib_steps: int, seed: int = 0):
     """Short FQSS QAT from the teacher as the recipe runs it: Adam 1e-4 (ranges at the config's
-    quantizer_lr), lambda_kd 0.1, batch 4 x 1 s."""
+    quantizer_lr), the recipe's loss settings, batch 4 x 1 s."""
     import fqss_plugin as fq
     from fqss_plugin.asteroid import prepare_model
     torch.manual_seed(seed)
     config = fq.QuantConfig.fqss(calib_steps=calib_steps)
     model = prepare_model(copy.deepcopy(teacher), config).train()
-    loss = fq.FQSSLoss(lambda_kd=0.1)
+    loss = fq.FQSSLoss(**recipe_loss_settings())
     optimizer = torch.optim.Adam(fq.parameter_groups(model, config.quantizer_lr), lr=1e-4)
     loader = torch.utils.data.DataLoader(dataset("train-360", 1.0), batch_size=4, shuffle=True, drop_last=True)
     step = 0
     while step < steps:
         for mix, sources in loader:
             with torch.no_grad():
-                target = teacher(mix)
+                target = teacher(mix) if loss.lambda_kd > 0 else None
             optimizer.zero_grad()
             loss(model(mix), sources, target).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -297,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.time()
         model, config = qat(teacher, args.qat_steps, args.calib_steps)
         qat_meta = {"teacher": teacher_source, "qat_steps": args.qat_steps, "calib_steps": args.calib_steps,
+                    **recipe_loss_settings(),
                     "qat_seconds": round(time.time() - start)}
         save_quantized_model(model, cached, config, qat_meta)
         meta_path.write_text(json.dumps(qat_meta))
@@ -365,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
 
 ConvTasNet of `recipes/LibriMix/ConvTasNet/conf/fqss.yml` ({n_params:,} parameters). Float weights:
 {qat_meta['teacher']}; FQSS QAT for {qat_meta['qat_steps']} steps ({qat_meta['calib_steps']} calibrating;
-batch 4 x 1 s, Adam 1e-4 with the quantizer ranges at 1e-2, lambda_kd 0.1) on the embedded Libri2Mix `train-360`.
+batch 4 x 1 s, Adam 1e-4 with the quantizer ranges at 1e-2, lambda_kd {qat_meta.get('lambda_kd', 0.1)},
+loss average {qat_meta.get('average', 'linear')}) on the embedded Libri2Mix `train-360`.
 ONNX files from the TorchScript exporter (opset 17, dynamic batch/time). The fp32 file gets the same
 graph clean-up as ours (clean gLN, PReLU -> LeakyRelu, short names), so it is the fast fp32 baseline.
 PTQ: `onnxruntime.quantization.quantize_static` (QDQ, per-channel int8 weights, uint8 activations,

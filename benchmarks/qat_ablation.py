@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,16 +27,19 @@ WEIGHT_LR = "0.0001"
 SPREAD_NOTE = ("Single seed: the training crops come from Python's `random`, so two invocations that differ in "
                "anything consuming it (an earlier one validated on random crops) train on other crops; across such "
                "invocations these deltas moved by up to 0.05 dB, so read differences below that as noise.")
-VARIANTS = {   # name: (conf, flags, what it shows)
+DB = ("--loss_average", "db")
+VARIANTS = {   # name: (conf, flags, what it shows); every QAT flag that differs from the recipe's default is spelled out
     "float +": ("float", ("--lr", WEIGHT_LR), "no quantization: the gain of the extra float steps alone"),
     "vanilla, ranges at the weights' lr": ("vanilla", ("--quantizer_lr", WEIGHT_LR), "before quantizer_lr"),
-    "vanilla": ("vanilla", (), "recipe default (quantizer_lr 1e-2)"),
-    "vanilla, MSE calibration": ("vanilla", ("--calib_method", "mse"), ""),
-    "FQSS, ranges at the weights' lr": ("fqss", ("--quantizer_lr", WEIGHT_LR), "before quantizer_lr"),
-    "FQSS": ("fqss", (), "recipe default (quantizer_lr 1e-2, lambda_kd 0.1)"),
-    "FQSS, MSE calibration": ("fqss", ("--calib_method", "mse"), ""),
+    "vanilla": ("vanilla", (), "recipe default (quantizer_lr 1e-2, linear average)"),
+    "vanilla, dB average": ("vanilla", DB, "the loss averaged in dB, like the metric"),
+    "FQSS, lambda_kd 0.1, ranges at the weights' lr": ("fqss", ("--lambda_kd", "0.1", "--quantizer_lr", WEIGHT_LR),
+                                                      "the paper's lambda, before quantizer_lr"),
+    "FQSS, lambda_kd 0.1": ("fqss", ("--lambda_kd", "0.1"), "the paper's distillation weight"),
     "FQSS, lambda_kd 0.01": ("fqss", ("--lambda_kd", "0.01"), ""),
-    "FQSS I/O, no distillation (lambda_kd 0)": ("fqss", ("--lambda_kd", "0.0"), "splitter + combiner, task loss only"),
+    "FQSS": ("fqss", (), "recipe default: splitter + combiner, lambda_kd 0 (no distillation)"),
+    "FQSS, dB average": ("fqss", DB, "lambda_kd 0, the loss averaged in dB"),
+    "FQSS, lambda_kd 0.1, dB average": ("fqss", ("--lambda_kd", "0.1", *DB), "distillation inside a per-source log"),
 }
 
 
@@ -51,11 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variants = {name: VARIANTS[name] for name in VARIANTS if not args.only or name in args.only}
     conf, sources, minutes = None, {"float": args.teacher}, {}
-    for index, (name, (conf_name, flags, _)) in enumerate(VARIANTS.items()):
-        if name not in variants:
-            continue
+    for name, (conf_name, flags, _) in variants.items():
         start = time.time()
-        exp_dir = args.out / f"{index}_{conf_name}"
+        exp_dir = args.out / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
         reused = (exp_dir / "best_model.pth").is_file()   # an earlier invocation finished it: the recipe resumes
         print(f"-- {name}: {conf_name}.yml {' '.join(flags)}{' (reused)' if reused else ''}")
         conf = fine_tune("ConvTasNet", conf_name, args.teacher, args.data, exp_dir, args.epochs,
@@ -74,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         more = "-" if name == "float +" or vs_more is None else f"{vs_more[0]:+.3f} ± {vs_more[1]:.3f}"
         rows.append(f"| {name} | `{conf_name}.yml {' '.join(flags)}` | {mean:.3f} | {vs_float[0]:+.3f} ± "
                     f"{vs_float[1]:.3f} | {more} | {minutes[name]} | {note} |")
-    pairs = [("FQSS", "vanilla"), ("FQSS I/O, no distillation (lambda_kd 0)", "vanilla"),
-             ("FQSS I/O, no distillation (lambda_kd 0)", "FQSS"), ("vanilla", "vanilla, ranges at the weights' lr"),
-             ("FQSS", "FQSS, ranges at the weights' lr")]
+    pairs = [("FQSS", "vanilla"), ("FQSS, lambda_kd 0.1", "vanilla"), ("FQSS", "FQSS, lambda_kd 0.1"),
+             ("FQSS, dB average", "vanilla, dB average"), ("vanilla, dB average", "vanilla"),
+             ("FQSS, dB average", "FQSS"), ("FQSS, lambda_kd 0.1, dB average", "FQSS, lambda_kd 0.1"),
+             ("vanilla", "vanilla, ranges at the weights' lr"),
+             ("FQSS, lambda_kd 0.1", "FQSS, lambda_kd 0.1, ranges at the weights' lr")]
     comparisons = []
     for a, b in (pair for pair in pairs if set(pair) <= set(variants)):
         mean, half = paired_delta(per_mixture[a], per_mixture[b])

@@ -229,7 +229,8 @@ def train(conf: dict, build_float: Callable[[dict], nn.Module]) -> Path:
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=5) \
         if conf["training"]["half_lr"] else None
     loss = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx") if mode == "float" else \
-        FQSSLoss(lambda_kd=conf["quant"]["lambda_kd"] if mode == "fqss" else 0.0)
+        FQSSLoss(lambda_kd=conf["quant"]["lambda_kd"] if mode == "fqss" else 0.0,
+                 average=conf["quant"].get("loss_average", "linear"))
     system = FQSSSystem(model, optimizer, loss, train_loader, val_loader, scheduler, config=conf, teacher=teacher)
 
     checkpoint_dir = exp_dir / "checkpoints"

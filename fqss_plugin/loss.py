@@ -5,7 +5,16 @@ Speech (``task="sisdr"``), with linear-domain SI-SDR ``S(a, r) = ||αr||² / ||a
 
     T_b = max_π mean_n S(ŝ_q[π(n)], s[n])           (student vs ground truth)
     K_b = max_π mean_n S(ŝ_q[π(n)], ŝ_f[n])         (student vs float teacher)
-    L   = -10 log10((1-λ) mean_b T_b + λ mean_b w_b K_b)
+    L   = -10 log10((1-λ) mean_b T_b + λ mean_b w_b K_b)                 (average="linear", the paper's)
+
+or, with ``average="db"``, the log taken per example and source and the mean in dB, like the metric
+(and like SpeechBrain's per-item variant of the published code)::
+
+    L   = mean_b mean_n -10 log10((1-λ) S(ŝ_q[π_b(n)], s[n]) + λ w_b S(ŝ_q[π_b(n)], ŝ_f[ρ_b(n)]))
+
+(``π_b``, ``ρ_b``: the student's and the teacher's PIT alignments to the ground truth); at ``λ = 0``
+it is Asteroid's ``PITLossWrapper(pairwise_neg_sisdr)``, the float training loss. The linear average
+weighs the best-separated examples and sources most: a mixture at 20 dB counts 10x one at 10 dB.
 
 Music (``task="l1"``, fixed stem order): ``L = (1-λ) mean_b L1(ŝ_q, s) + λ mean_b w_b L1(ŝ_q, ŝ_f)``.
 
@@ -39,6 +48,17 @@ def pit_sisdr_linear(estimate: torch.Tensor, reference: torch.Tensor) -> torch.T
     return -best
 
 
+def pit_aligned(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``estimate`` with its sources reordered by the PIT (mean dB SI-SDR) alignment to ``reference``."""
+    _, perm = PITLossWrapper.find_best_perm(pairwise_neg_sisdr(estimate, reference))
+    return PITLossWrapper.reorder_source(estimate, perm)
+
+
+def sisdr_per_source_db(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """SI-SDR in dB of each aligned source pair, ``[B, n_src, T] -> [B, n_src]``."""
+    return -torch.diagonal(pairwise_neg_sisdr(estimate, reference), dim1=1, dim2=2)
+
+
 def nsdr_db(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """MDX nSDR ``10 log10(Σ s² / Σ (s - ŝ)²)`` per example over all sources, channels and samples."""
     dims = tuple(range(1, reference.dim()))
@@ -58,11 +78,16 @@ class FQSSLoss(nn.Module):
         lambda_kd: weight λ of the distillation term; 0 gives vanilla QAT and needs no teacher.
         task: ``"sisdr"`` (speech, permutation invariant) or ``"l1"`` (music, fixed order).
         weight_range: clip range of the sample weights before normalisation to mean 1.
+        average: speech only: ``"linear"`` (the paper's: batch mean of linear SI-SDRs inside one log)
+            or ``"db"`` (log per example and source, mean in dB: the metric's average).
     """
 
     def __init__(self, lambda_kd: float = 0.1, task: Literal["sisdr", "l1"] = "sisdr",
-                 weight_range: tuple[float, float] = (0.1, 10.0)) -> None:
+                 weight_range: tuple[float, float] = (0.1, 10.0), average: Literal["linear", "db"] = "linear") -> None:
         super().__init__()
+        if average not in ("linear", "db"):
+            raise ValueError(f"FQSSLoss: average must be 'linear' or 'db', got {average!r}")
+        self.average = average
         if not 0.0 <= lambda_kd <= 1.0:
             raise ValueError(f"FQSSLoss: lambda_kd must be in [0, 1], got {lambda_kd}")
         if task not in ("sisdr", "l1"):
@@ -98,6 +123,8 @@ class FQSSLoss(nn.Module):
                              f"estimate shape {tuple(estimate.shape)}")
         teacher_estimate = teacher_estimate.detach() if distill else None
         lam = self.lambda_kd
+        if self.task == "sisdr" and self.average == "db":
+            return self._per_source_db(estimate, target, teacher_estimate)
         if self.task == "sisdr":
             task = (1 - lam) * pit_sisdr_linear(estimate, target).mean()
             value = task
@@ -111,3 +138,19 @@ class FQSSLoss(nn.Module):
             weights = self.sample_weights(estimate, target, teacher_estimate)
             loss = loss + lam * (weights * l1_per_example(estimate, teacher_estimate)).mean()
         return loss
+
+    def _per_source_db(self, estimate: torch.Tensor, target: torch.Tensor,
+                       teacher_estimate: torch.Tensor | None) -> torch.Tensor:
+        """``average="db"``: the log per example and source, the mean over both in dB."""
+        aligned = pit_aligned(estimate, target)
+        task_db = sisdr_per_source_db(aligned, target)
+        if teacher_estimate is None:
+            self.distillation_share = 0.0
+            return -task_db.mean()
+        lam = self.lambda_kd
+        weights = self.sample_weights(estimate, target, teacher_estimate)[:, None]
+        kd_db = sisdr_per_source_db(aligned, pit_aligned(teacher_estimate, target))
+        task = (1 - lam) * torch.pow(10.0, task_db / 10)
+        distill = lam * weights * torch.pow(10.0, kd_db / 10)
+        self.distillation_share = float((distill / (task + distill)).detach().mean())
+        return -10 * torch.log10(task + distill + EPS).mean()

@@ -1,4 +1,6 @@
 """FQSSLoss: sample weights, PIT, batch sizes, vanilla case, L1 variant."""
+import math
+
 import pytest
 import torch
 
@@ -118,3 +120,24 @@ def test_distillation_share_of_the_linear_sum():
     vanilla = FQSSLoss(lambda_kd=0.0)
     vanilla(student, target)
     assert vanilla.distillation_share == 0.0
+
+
+def test_db_average_is_the_metric_average():
+    """``average="db"``: at λ = 0 exactly Asteroid's PIT loss (the mean of dB SI-SDRs), while the paper's
+    linear average weighs the best-separated example most; the distillation goes inside each source's log."""
+    from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 2, 8000, generator=gen)
+    levels = torch.tensor([10 ** (-20 / 20), 10 ** (-5 / 20)])[:, None, None]     # example 0 at 20 dB, 1 at 5 dB
+    student = (target + levels * torch.randn(2, 2, 8000, generator=gen))[:, [1, 0]]
+    pit = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx")
+    assert float(FQSSLoss(0.0, average="db")(student, target)) == pytest.approx(float(pit(student, target)), abs=1e-4)
+    assert float(pit(student, target)) == pytest.approx(-12.5, abs=0.3)
+    assert float(FQSSLoss(0.0)(student, target)) == pytest.approx(-10 * math.log10((100 + 10 ** 0.5) / 2), abs=0.3)
+    teacher = student + 0.01 * torch.randn(2, 2, 8000, generator=gen)      # the student is ~40 dB from it
+    loss = FQSSLoss(0.1, average="db")
+    value = loss(student, target, teacher[:, [1, 0]])                     # any source order of the teacher
+    assert float(value) == pytest.approx(float(loss(student, target, teacher)), abs=1e-5)
+    assert float(value) < float(pit(student, target)) - 10 and 0.5 < loss.distillation_share < 1
+    with pytest.raises(ValueError, match="average"):
+        FQSSLoss(average="mean")
