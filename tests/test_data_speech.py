@@ -241,3 +241,29 @@ def test_loudness_meter_and_pitch_estimator_reference_signals():
     t = np.arange(sr) / sr
     voiced = sum(np.sin(2 * np.pi * k * 150 * t) / k for k in range(1, 10))
     assert median_f0(voiced, sr) == pytest.approx(150, rel=0.01)
+
+
+def test_merge_train_adds_the_extra_mixtures_and_keeps_dev_and_test(speech, tmp_path, capsys):
+    """``fqss make-data merge-train``: more training data for a teacher, the same evaluation splits."""
+    generate_speech(tiny(tmp_path / "extra", seed=1, cross_engine=False, mix_types=("mix_clean",)))
+    out = tmp_path / "merged" / "data"
+    assert data_main(["merge-train", "--out", str(out), str(speech / "data"), str(tmp_path / "extra" / "data")]) == 0
+    assert "mixture_train-360_mix_clean.csv 8 rows" in capsys.readouterr().out
+    split_dir = out / "wav8k" / "min"
+    merged = read_csv(split_dir / "train-360" / "mixture_train-360_mix_clean.csv")
+    base = read_csv(speech / "data" / "wav8k" / "min" / "train-360" / "mixture_train-360_mix_clean.csv")
+    assert merged[:4] == base and all(Path(row["mixture_path"]).is_file() for row in merged)
+    assert not (split_dir / "train-360" / "mixture_train-360_mix_both.csv").exists()   # the extra has no noise
+    for split in ("dev", "test", "test-flite"):
+        for name in (speech / "data" / "wav8k" / "min" / split).iterdir():
+            assert (split_dir / split / name.name).read_bytes() == name.read_bytes()
+    from asteroid.data import LibriMix
+    assert len(LibriMix(csv_dir=str(split_dir / "train-360"), task="sep_clean", segment=None)) == 8
+    wrong = tmp_path / "wrong" / "wav8k" / "min" / "train-360"
+    wrong.mkdir(parents=True)
+    (wrong / "mixture_train-360_mix_clean.csv").write_text("mixture_ID,length\nx,1\n")
+    assert data_main(["merge-train", "--out", str(tmp_path / "m2"), str(speech / "data"),
+                      str(tmp_path / "wrong")]) == 2
+    assert "has the columns 'mixture_ID,length'" in capsys.readouterr().err
+    assert data_main(["merge-train", "--out", str(tmp_path / "m3"), str(speech / "data"), str(tmp_path)]) == 2
+    assert "has no wav*/<mode>/train-360/mixture_train-360_*.csv" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``fqss make-data {speech,music}`` (also ``python -m fqss_plugin.data {speech,music}``).
+"""``fqss make-data {speech,music,merge-train}`` (also ``python -m fqss_plugin.data ...``).
 
 ``add_arguments(parser)`` and ``run(args) -> int`` are the interface the ``fqss``
 dispatcher (:mod:`fqss_plugin.cli`) expects.  Bad input and missing tools end
@@ -16,8 +16,8 @@ from fqss_plugin.data.librimix import MIX_TYPES, MODES, SAMPLE_RATES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``speech`` and ``music`` sub-commands and their options to ``parser``."""
-    sub = parser.add_subparsers(dest="dataset", required=True, metavar="{speech,music}")
+    """Add the ``speech``, ``music`` and ``merge-train`` sub-commands and their options to ``parser``."""
+    sub = parser.add_subparsers(dest="dataset", required=True, metavar="{speech,music,merge-train}")
     jobs_default = os.cpu_count() or 1
 
     speech = sub.add_parser("speech", help="synthetic Libri2Mix (LibriMix layout and metadata)",
@@ -53,6 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     music.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     _add_common(music, jobs_default)
 
+    merge = sub.add_parser("merge-train", help="Asteroid metadata whose train-360 joins several generated datasets",
+                           description="Write LibriMix metadata (wav*/<mode>/<split>/*.csv) whose train split lists "
+                                       "the mixtures of BASE and every EXTRA; dev and test stay BASE's.")
+    merge.add_argument("--out", type=Path, required=True, help="the merged data/ folder (pass it as --data_dir)")
+    merge.add_argument("base", type=Path, help="data/ folder whose dev and test are kept")
+    merge.add_argument("extras", type=Path, nargs="+", help="data/ folders whose train mixtures are added")
+    merge.add_argument("--split", default="train-360", help="the split to merge (default train-360)")
+
 
 def _add_common(parser: argparse.ArgumentParser, jobs_default: int) -> None:
     parser.add_argument("--jobs", type=int, default=jobs_default,
@@ -64,7 +72,14 @@ def _add_common(parser: argparse.ArgumentParser, jobs_default: int) -> None:
 def run(args: argparse.Namespace) -> int:
     """Generate the requested dataset and print its summary; 2 on a user-facing error."""
     try:
-        if args.dataset == "speech":
+        if args.dataset == "merge-train":
+            from fqss_plugin.data.librimix import merge_train_metadata
+
+            written = merge_train_metadata(args.out, args.base, args.extras, args.split)
+            merged = [path for path in written if path.parent.name == args.split]
+            print(f"merged metadata written to {args.out}: " + ", ".join(
+                f"{path.name} {len(path.read_text().splitlines()) - 1} rows" for path in merged))
+        elif args.dataset == "speech":
             from fqss_plugin.data.speech import SpeechConfig, generate_speech
 
             config = SpeechConfig(

@@ -212,6 +212,44 @@ def create_local_metadata(librimix_root: Path, local_data: Path) -> list[Path]:
     return copied
 
 
+def merge_train_metadata(out: Path, base: Path, extras: list[Path], split: str = "train-360") -> list[Path]:
+    """Asteroid metadata whose ``split`` lists the mixtures of ``base`` and of every ``extras`` root.
+
+    Each argument is a ``data/`` folder as :func:`create_local_metadata` writes it
+    (``wav*/<mode>/<split>/mixture_<split>_*.csv``, absolute wav paths). A ``split`` CSV that every
+    extra also has (same header required) is written with their rows appended; one that some extra
+    lacks (say ``mix_both`` when an extra was made with ``--types mix_clean``) is left out. Every
+    other split (dev, test) is copied from ``base``, so a model trained on the merged split is
+    validated and tested exactly as one trained on ``base``. Returns the written files.
+    """
+    base, out = Path(base), Path(out)
+    for root in (base, *map(Path, extras)):
+        if not any(root.glob(f"wav*/*/{split}/mixture_{split}_*.csv")):
+            raise DataGenerationError(f"merge: {root} has no wav*/<mode>/{split}/mixture_{split}_*.csv (pass the "
+                                      f"data/ folder that `fqss make-data speech` wrote)")
+    written = []
+    for csv_file in sorted(base.glob("wav*/*/*/mixture_*.csv")):
+        relative = csv_file.relative_to(base)
+        lines = csv_file.read_bytes().splitlines(keepends=True)     # byte for byte (csv: CRLF)
+        if relative.parent.name == split:
+            others = [Path(extra) / relative for extra in extras]
+            if not all(other.is_file() for other in others):
+                continue
+            for other in others:
+                extra_lines = other.read_bytes().splitlines(keepends=True)
+                if [line.rstrip() for line in extra_lines[:1]] != [line.rstrip() for line in lines[:1]]:
+                    raise DataGenerationError(f"merge: {other} has the columns {extra_lines[0].decode().strip()!r}, "
+                                              f"{csv_file} has {lines[0].decode().strip()!r}")
+                lines += extra_lines[1:]
+        target = out / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"".join(lines))
+        written.append(target)
+    if not any(path.parent.name == split for path in written):
+        raise DataGenerationError(f"merge: no {split} metadata file is in {base} and in every extra")
+    return written
+
+
 def prepare_librimix_csv(datapath: str | os.PathLike, savepath: str | os.PathLike, fs: int = 8000,
                          mode: str = "min", addnoise: bool = False,
                          splits: tuple[str, ...] = ("train-360", "dev", "test")) -> list[Path]:
