@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from pathlib import Path
 import matplotlib
 import torch
 
+from .asteroid import resolve_package
 from .asteroid_recipe import RecipeError, load_model, parse_conf, score_test_set, train
 from .data.speech import SpeechConfig, generate_speech
 
@@ -80,12 +83,39 @@ def score(sources: dict[str, str | Path], conf: dict) -> tuple[dict[str, list[fl
     return {name: si_sdri(r) for name, r in rows.items()}, [row["mixture_ID"] for row in next(iter(rows.values()))]
 
 
+RUNS = ("vanilla", "fqss", "float_more")
+
+
+def teacher_fingerprint(teacher: str) -> str:
+    """SHA-256 of the teacher package's weights (a local package or a hub id)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(resolve_package(teacher)["state_dict"].items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def discard_runs_of_another_teacher(teacher: str, out: Path) -> None:
+    """The recipe resumes a run from its ``last.ckpt``; a run made from other teacher weights (or
+    from unrecorded ones) is removed instead, so the comparison never mixes two teachers."""
+    stamp, fingerprint = out / "teacher.sha256", teacher_fingerprint(teacher)
+    recorded = stamp.read_text().strip() if stamp.is_file() else None
+    stale = [out / run for run in RUNS if (out / run).exists() and recorded != fingerprint]
+    if stale:
+        print(f"-- {out}: its runs were made from another teacher; starting {', '.join(p.name for p in stale)} afresh")
+        for run in stale:
+            shutil.rmtree(run)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint + "\n")
+
+
 def compare(recipe: str, teacher: str, data: Path, out: Path, epochs: int, limit_train_batches: float = 1.0,
             extra_flags: tuple[str, ...] = ()) -> dict:
     """Vanilla and FQSS QAT of ``teacher`` with ``recipes/LibriMix/<recipe>``, and the teacher
     fine-tuned in float for as long at the QAT learning rate ("Float +"), all scored with the float
     teacher on the same test mixtures: per-mixture SI-SDRi and paired deltas with 95 % CIs."""
     start = time.time()
+    discard_runs_of_another_teacher(teacher, out)
     conf = None
     for mode in ("vanilla", "fqss"):
         print(f"-- {recipe}, {LABELS[mode]}: QAT from the float teacher {teacher}")

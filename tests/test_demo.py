@@ -34,6 +34,14 @@ def test_demo_runs_end_to_end_on_tiny_data(tmp_path, capsys):
     float_more = json.loads((tmp_path / "out" / "float_more" / "best_k_models.json").read_text())
     assert float_more and (tmp_path / "out" / "float_more" / "best_model.pth").is_file()
     assert (tmp_path / "out" / "per_mixture.png").stat().st_size > 10_000
+    # a rerun resumes the runs made from the same teacher, and starts afresh those made from another one
+    from fqss_plugin.demo import discard_runs_of_another_teacher
+    discard_runs_of_another_teacher(str(teacher), tmp_path / "out")
+    assert (tmp_path / "out" / "fqss" / "best_model.pth").is_file()
+    (tmp_path / "out" / "teacher.sha256").write_text("another teacher\n")
+    discard_runs_of_another_teacher(str(teacher), tmp_path / "out")
+    assert not (tmp_path / "out" / "fqss").exists() and not (tmp_path / "out" / "float_more").exists()
+    assert "made from another teacher; starting vanilla, fqss, float_more afresh" in capsys.readouterr().out
 
 
 def test_demo_reports_a_missing_teacher_clearly(tmp_path, capsys):
