@@ -21,26 +21,28 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.report import command_line, write_section  # noqa: E402
-from fqss_plugin.demo import TEACHER, fine_tune, paired_delta, score  # noqa: E402
+from fqss_plugin.demo import TEACHER, discard_runs_of_another_teacher, fine_tune, paired_delta, score  # noqa: E402
 
 WEIGHT_LR = "0.0001"
 SPREAD_NOTE = ("Single seed: the training crops come from Python's `random`, so two invocations that differ in "
                "anything consuming it (an earlier one validated on random crops) train on other crops; across such "
                "invocations these deltas moved by up to 0.05 dB, so read differences below that as noise.")
-DB = ("--loss_average", "db")
-VARIANTS = {   # name: (conf, flags, what it shows); every QAT flag that differs from the recipe's default is spelled out
+LINEAR = ("--loss_average", "linear")
+VARIANTS = {   # name: (conf, flags, what it shows), flags relative to the recipe's conf (lambda_kd 0, dB average)
     "float +": ("float", ("--lr", WEIGHT_LR), "no quantization: the gain of the extra float steps alone"),
     "vanilla, ranges at the weights' lr": ("vanilla", ("--quantizer_lr", WEIGHT_LR), "before quantizer_lr"),
-    "vanilla": ("vanilla", (), "recipe default (quantizer_lr 1e-2, linear average)"),
-    "vanilla, dB average": ("vanilla", DB, "the loss averaged in dB, like the metric"),
-    "FQSS, lambda_kd 0.1, ranges at the weights' lr": ("fqss", ("--lambda_kd", "0.1", "--quantizer_lr", WEIGHT_LR),
-                                                      "the paper's lambda, before quantizer_lr"),
-    "FQSS, lambda_kd 0.1": ("fqss", ("--lambda_kd", "0.1"), "the paper's distillation weight"),
-    "FQSS, lambda_kd 0.01": ("fqss", ("--lambda_kd", "0.01"), ""),
-    "FQSS": ("fqss", (), "recipe default: splitter + combiner, lambda_kd 0 (no distillation)"),
-    "FQSS, dB average": ("fqss", DB, "lambda_kd 0, the loss averaged in dB"),
-    "FQSS, lambda_kd 0.1, dB average": ("fqss", ("--lambda_kd", "0.1", *DB), "distillation inside a per-source log"),
+    "vanilla": ("vanilla", (), "recipe default: quantizer_lr 1e-2, loss averaged in dB"),
+    "vanilla, linear average": ("vanilla", LINEAR, "the paper's average of the loss"),
+    "FQSS, the paper's loss": ("fqss", ("--lambda_kd", "0.1", *LINEAR), "lambda_kd 0.1, linear average"),
+    "FQSS, lambda_kd 0.1": ("fqss", ("--lambda_kd", "0.1"), "the paper's distillation weight, dB average"),
+    "FQSS, lambda_kd 0.01": ("fqss", ("--lambda_kd", "0.01"), "dB average"),
+    "FQSS": ("fqss", (), "recipe default: splitter + combiner, lambda_kd 0, dB average"),
+    "FQSS, linear average": ("fqss", LINEAR, "lambda_kd 0"),
 }
+
+
+def run_dir_name(variant: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", variant.lower()).strip("_")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,9 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variants = {name: VARIANTS[name] for name in VARIANTS if not args.only or name in args.only}
     conf, sources, minutes = None, {"float": args.teacher}, {}
+    discard_runs_of_another_teacher(args.teacher, args.out, tuple(map(run_dir_name, VARIANTS)))
     for name, (conf_name, flags, _) in variants.items():
         start = time.time()
-        exp_dir = args.out / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+        exp_dir = args.out / run_dir_name(name)
         reused = (exp_dir / "best_model.pth").is_file()   # an earlier invocation finished it: the recipe resumes
         print(f"-- {name}: {conf_name}.yml {' '.join(flags)}{' (reused)' if reused else ''}")
         conf = fine_tune("ConvTasNet", conf_name, args.teacher, args.data, exp_dir, args.epochs,
@@ -76,11 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         more = "-" if name == "float +" or vs_more is None else f"{vs_more[0]:+.3f} ± {vs_more[1]:.3f}"
         rows.append(f"| {name} | `{conf_name}.yml {' '.join(flags)}` | {mean:.3f} | {vs_float[0]:+.3f} ± "
                     f"{vs_float[1]:.3f} | {more} | {minutes[name]} | {note} |")
-    pairs = [("FQSS", "vanilla"), ("FQSS, lambda_kd 0.1", "vanilla"), ("FQSS", "FQSS, lambda_kd 0.1"),
-             ("FQSS, dB average", "vanilla, dB average"), ("vanilla, dB average", "vanilla"),
-             ("FQSS, dB average", "FQSS"), ("FQSS, lambda_kd 0.1, dB average", "FQSS, lambda_kd 0.1"),
-             ("vanilla", "vanilla, ranges at the weights' lr"),
-             ("FQSS, lambda_kd 0.1", "FQSS, lambda_kd 0.1, ranges at the weights' lr")]
+    pairs = [("FQSS", "vanilla"), ("FQSS, lambda_kd 0.1", "vanilla"), ("FQSS, lambda_kd 0.1", "FQSS"),
+             ("FQSS, lambda_kd 0.01", "FQSS"), ("FQSS, the paper's loss", "vanilla, linear average"),
+             ("vanilla", "vanilla, linear average"), ("FQSS", "FQSS, linear average"),
+             ("FQSS, lambda_kd 0.1", "FQSS, the paper's loss"), ("vanilla", "vanilla, ranges at the weights' lr")]
     comparisons = []
     for a, b in (pair for pair in pairs if set(pair) <= set(variants)):
         mean, half = paired_delta(per_mixture[a], per_mixture[b])

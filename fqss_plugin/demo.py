@@ -95,12 +95,12 @@ def teacher_fingerprint(teacher: str) -> str:
     return digest.hexdigest()
 
 
-def discard_runs_of_another_teacher(teacher: str, out: Path) -> None:
+def discard_runs_of_another_teacher(teacher: str, out: Path, runs: tuple[str, ...] = RUNS) -> None:
     """The recipe resumes a run from its ``last.ckpt``; a run made from other teacher weights (or
     from unrecorded ones) is removed instead, so the comparison never mixes two teachers."""
     stamp, fingerprint = out / "teacher.sha256", teacher_fingerprint(teacher)
     recorded = stamp.read_text().strip() if stamp.is_file() else None
-    stale = [out / run for run in RUNS if (out / run).exists() and recorded != fingerprint]
+    stale = [out / run for run in runs if (out / run).exists() and recorded != fingerprint]
     if stale:
         print(f"-- {out}: its runs were made from another teacher; starting {', '.join(p.name for p in stale)} afresh")
         for run in stale:
