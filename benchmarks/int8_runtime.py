@@ -407,7 +407,7 @@ profiler, 1 thread, ms per 4 s mixture; the fp32 file for comparison):
   The float gLN islands (with their DQ/Q) now cost more than all integer kernels together: they are why
   the speed-up stays under the 2.5x goal (alternatives tried: README, "Int8 deployment").
 
-Why the output SNR of this 24-block model stays near 31 dB while the 3-block test model reaches
+Why the output SNR of this 24-block model stays near {parity.snr_db:.0f} dB while the 3-block test model reaches
 48 dB: the local disagreements above (onnxruntime rounds each conv's float bias to int32, and the gLN
 islands sum in another order) touch well under 1% of the codes, but every flip moves the next global
 norm's statistics and, through 24 of them, spreads to a large share of the codes (free-running
