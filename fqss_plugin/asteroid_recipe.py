@@ -249,9 +249,14 @@ def train(conf: dict, build_float: Callable[[dict], nn.Module]) -> Path:
         check_resumable(last, system)
     trainer.fit(system, ckpt_path=str(last) if last.is_file() else None)
 
-    with open(exp_dir / "best_k_models.json", "w") as handle:
-        json.dump({k: float(v) for k, v in checkpoint.best_k_models.items()}, handle, indent=0)
-    return write_best_model(conf, system.model, checkpoint.best_model_path or str(last))
+    best_k = {k: float(v) for k, v in checkpoint.best_k_models.items()}
+    record = exp_dir / "best_k_models.json"
+    if not best_k and record.is_file():       # rerun of a finished run: nothing trained, keep its record
+        best_k = json.loads(record.read_text())
+    with open(record, "w") as handle:
+        json.dump(best_k, handle, indent=0)
+    best = min(best_k, key=best_k.get) if best_k else None
+    return write_best_model(conf, system.model, best if best and Path(best).is_file() else str(last))
 
 
 def write_best_model(conf: dict, model: nn.Module, checkpoint: str | Path) -> Path:

@@ -128,6 +128,13 @@ def test_interrupted_run_resumes_with_quantizer_state(data_dir, float_exp, tmp_p
     assert resumed["epoch"] == first["epoch"] + 1 and resumed["global_step"] == 2 * steps
     # the calibration counter went on from where it stopped (a fresh start would read `steps`)
     assert int(resumed["state_dict"][f"{key}.steps_observed"]) == 2 * steps
+    # rerunning the finished run trains nothing and keeps the best checkpoint and its record
+    record = json.loads((exp / "best_k_models.json").read_text())
+    best = torch.load(exp / "best_model.pth", weights_only=False)["state_dict"]
+    train(conf_for("fqss", data_dir, exp, *calibrate, "--epochs", "2"), build_float_model)
+    assert record and json.loads((exp / "best_k_models.json").read_text()) == record
+    again = torch.load(exp / "best_model.pth", weights_only=False)["state_dict"]
+    assert all(torch.equal(best[k], again[k]) for k in best)
 
 
 def test_resume_refuses_a_checkpoint_this_run_cannot_continue(data_dir, float_exp, tmp_path):
