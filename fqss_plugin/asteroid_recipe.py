@@ -255,8 +255,9 @@ def train(conf: dict, build_float: Callable[[dict], nn.Module]) -> Path:
         best_k = json.loads(record.read_text())
     with open(record, "w") as handle:
         json.dump(best_k, handle, indent=0)
-    best = min(best_k, key=best_k.get) if best_k else None
-    return write_best_model(conf, system.model, best if best and Path(best).is_file() else str(last))
+    best = Path(min(best_k, key=best_k.get)) if best_k else last
+    ours = best.is_file() and best.resolve().parent == checkpoint_dir.resolve()   # not a moved run's stale path
+    return write_best_model(conf, system.model, best if ours else last)
 
 
 def write_best_model(conf: dict, model: nn.Module, checkpoint: str | Path) -> Path:
