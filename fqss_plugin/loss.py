@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
+from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr, singlesrc_neg_sisdr
 from torch import nn
 
 EPS = 1e-8
@@ -48,15 +48,16 @@ def pit_sisdr_linear(estimate: torch.Tensor, reference: torch.Tensor) -> torch.T
     return -best
 
 
-def pit_aligned(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """``estimate`` with its sources reordered by the PIT (mean dB SI-SDR) alignment to ``reference``."""
-    _, perm = PITLossWrapper.find_best_perm(pairwise_neg_sisdr(estimate, reference))
-    return PITLossWrapper.reorder_source(estimate, perm)
+def pit_aligned(estimate: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``estimate`` reordered by its PIT (mean dB SI-SDR) alignment to ``reference``, and that PIT
+    SI-SDR in dB per example (``[B]``, as :func:`pit_sisdr_db`), from one pairwise matrix."""
+    best, perm = PITLossWrapper.find_best_perm(pairwise_neg_sisdr(estimate, reference))
+    return PITLossWrapper.reorder_source(estimate, perm), -best
 
 
 def sisdr_per_source_db(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """SI-SDR in dB of each aligned source pair, ``[B, n_src, T] -> [B, n_src]``."""
-    return -torch.diagonal(pairwise_neg_sisdr(estimate, reference), dim1=1, dim2=2)
+    return -singlesrc_neg_sisdr(estimate.flatten(0, 1), reference.flatten(0, 1)).view(estimate.shape[:2])
 
 
 def nsdr_db(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -107,7 +108,11 @@ class FQSSLoss(nn.Module):
                        teacher_estimate: torch.Tensor) -> torch.Tensor:
         """``w_b = 10^((D_teacher,b - D_student,b)/10)``, clipped, normalised to mean 1."""
         quality = pit_sisdr_db if self.task == "sisdr" else nsdr_db
-        gap_db = quality(teacher_estimate, target) - quality(estimate, target)
+        return self.weights_from_gap(quality(teacher_estimate, target) - quality(estimate, target))
+
+    @torch.no_grad()
+    def weights_from_gap(self, gap_db: torch.Tensor) -> torch.Tensor:
+        """``10^(gap/10)`` per example, clipped to ``weight_range``, normalised to mean 1."""
         weights = torch.pow(10.0, gap_db / 10.0).clamp(*self.weight_range)
         return weights / weights.mean()
 
@@ -141,15 +146,17 @@ class FQSSLoss(nn.Module):
 
     def _per_source_db(self, estimate: torch.Tensor, target: torch.Tensor,
                        teacher_estimate: torch.Tensor | None) -> torch.Tensor:
-        """``average="db"``: the log per example and source, the mean over both in dB."""
-        aligned = pit_aligned(estimate, target)
+        """``average="db"``: the log per example and source, the mean over both in dB. The PIT
+        alignments also give the dB gaps of the sample weights (no third pairwise matrix)."""
+        aligned, student_db = pit_aligned(estimate, target)
         task_db = sisdr_per_source_db(aligned, target)
         if teacher_estimate is None:
             self.distillation_share = 0.0
             return -task_db.mean()
         lam = self.lambda_kd
-        weights = self.sample_weights(estimate, target, teacher_estimate)[:, None]
-        kd_db = sisdr_per_source_db(aligned, pit_aligned(teacher_estimate, target))
+        teacher_aligned, teacher_db = pit_aligned(teacher_estimate, target)
+        weights = self.weights_from_gap(teacher_db - student_db)[:, None]
+        kd_db = sisdr_per_source_db(aligned, teacher_aligned)
         task = (1 - lam) * torch.pow(10.0, task_db / 10)
         distill = lam * weights * torch.pow(10.0, kd_db / 10)
         self.distillation_share = float((distill / (task + distill)).detach().mean())
