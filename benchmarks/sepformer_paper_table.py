@@ -132,6 +132,41 @@ def paired(quantized: list[float], reference: list[float]) -> tuple[float, float
     return float(deltas.mean()), half
 
 
+def display(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def yaml_keys(path: str, keys: tuple[str, ...]) -> dict[str, str]:
+    """Top-level ``key: value`` lines of a hyperpyyaml file (the values as written; missing keys left out)."""
+    found = {}
+    for line in Path(path).read_text().splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key in keys:
+            found[key] = value.split("#")[0].strip()
+    return found
+
+
+def use_float_run(run: Path, float_dir: Path, batch_size: int) -> None:
+    """Make a finished float run of the recipe this benchmark's float model (a link, and its ``run.json``)."""
+    run = run.resolve()
+    missing = [p for p in ("pretrained", "save", "test_results.csv", "train_log.txt") if not (run / p).exists()]
+    if missing:
+        raise SystemExit(f"--float-run {run}: not a finished float run of the recipe (missing {', '.join(missing)})")
+    if float_dir.is_symlink() or float_dir.exists():
+        if float_dir.resolve() == run:
+            return
+        raise SystemExit(f"{float_dir} exists and is not {run}: remove it or pick another --out")
+    float_dir.parent.mkdir(parents=True, exist_ok=True)
+    float_dir.symlink_to(run, target_is_directory=True)
+    epochs = sum(1 for line in (run / "train_log.txt").read_text().splitlines() if line.startswith("epoch:"))
+    train_csv = run / "save" / "libri2mix_train-360.csv"
+    mixtures = sum(1 for _ in open(train_csv)) - 1 if train_csv.is_file() else 0
+    info = {"epochs": epochs, "train_mixtures": mixtures, "steps": epochs * (mixtures // batch_size),
+            "source": str(run)}
+    (run / "run.json").write_text(json.dumps(info))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO / "data" / "librimix",
@@ -143,6 +178,11 @@ def main(argv=None) -> int:
     parser.add_argument("--test-mixtures", type=int, default=0, help="test mixtures scored (0 = all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--step-repeats", type=int, default=8)
+    parser.add_argument("--float-run", type=Path, default=None,
+                        help="a finished float run of the recipe (its output folder: save/, pretrained/, "
+                             "test_results.csv) to quantize instead of training one; --budget is then QAT only")
+    parser.add_argument("--qat-epochs", type=int, default=None,
+                        help="with --float-run: QAT epochs over the train split (default: from --budget)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished runs in --out (run.json + test_results.csv) and the measured step times")
     parser.add_argument("--no-write", action="store_true", help="do not write BENCHMARKS.md")
@@ -179,8 +219,13 @@ def main(argv=None) -> int:
         print("      " + ", ".join(f"{m} {1000 * s:.0f} ms" for m, s in step.items()))
 
     budget_s = args.budget * 60
-    float_steps = int(args.float_share * budget_s / step["float"])
-    qat_steps = int((1 - args.float_share) * budget_s / (step["vanilla"] + step["fqss"]))
+    float_share = 0.0 if args.float_run else args.float_share
+    float_steps = int(float_share * budget_s / step["float"])
+    qat_steps = int((1 - float_share) * budget_s / (step["vanilla"] + step["fqss"]))
+    if args.qat_epochs:
+        qat_steps = args.qat_epochs * (train_count // batch_size)
+    if args.float_run:
+        use_float_run(args.float_run, work / "float", batch_size)
     recipe = load_recipe()
     common = ["--data_folder", str(libri2mix), "--device", "cpu", "--noprogressbar", "--valid_data", str(valid),
               "--test_data", str(test)]
@@ -241,6 +286,15 @@ def main(argv=None) -> int:
         reading.append(f"FQSS stays within {abs(fqss_teacher):.2f} dB of its teacher (the float column): its loss is "
                        "dominated by the distillation term, so it follows the teacher rather than training further.")
     float_run = runs["float"]
+    if args.float_run:
+        float_source = (f"Float: the finished recipe run `{display(args.float_run)}` ({float_run['epochs']} epochs; how it "
+                        "was trained: its README / `train_log.txt`).")
+    else:
+        float_source = (f"Training budget {args.budget:g} min: float from scratch {float_run['epochs']} epoch(s) x "
+                        f"{float_run['train_mixtures']} mixtures (~{float_run['steps']} steps).")
+    fqss_settings = ", ".join(f"{key} {value}" for key, value in yaml_keys(hparams_file("fqss"),
+                                                                           ("lambda_kd", "loss_average",
+                                                                            "decoder_in_splits")).items())
     walls = ", ".join(f"{LABELS[m]} {runs[m]['wall_min']:.0f} min" for m in everything if "wall_min" in runs[m])
     reused = (" (`--reuse`: the runs and step times of an earlier invocation with the same `--out` are kept; each "
               "run's `run.json` records its epochs, mixtures and wall time)" if args.reuse else "")
@@ -251,11 +305,10 @@ Model: `sepformer-embedded-*.yaml` (SepFormer, 64 channels, 4 heads, FFN 128, 1 
 block, 2 dual-path stages, K = 100; kernel 16, stride 8), batch {batch_size} x {segment / 8000:g} s segments, Adam,
 {args.threads} thread(s), CPU shared with other jobs. Data: embedded Libri2Mix (`fqss make-data speech`, synthetic
 voices; **not LibriMix numbers**), {len(ids)} test mixtures, checkpoint chosen on {args.valid_mixtures} dev mixtures.
-Training budget {args.budget:g} min: float from scratch {float_run['epochs']} epoch(s) x {float_run['train_mixtures']}
-mixtures (~{float_run['steps']} steps); vanilla and FQSS QAT from it, each {runs['fqss']['epochs']} epoch(s) x
-{runs['fqss']['train_mixtures']} mixtures (~{runs['fqss']['steps']} steps, calibration: 100 steps, lr 1e-4).
-The float model is not converged at this budget, so QAT's extra steps also keep training it; "float +"
-is the float run continued from its last checkpoint for the same number of steps (its own lr), the fair reference.
+{float_source} Vanilla and FQSS QAT from it, each {runs['fqss']['epochs']} epoch(s) x
+{runs['fqss']['train_mixtures']} mixtures (~{runs['fqss']['steps']} steps, calibration: 100 steps, lr 1e-4; FQSS: {fqss_settings}).
+"Float +" is the float run continued from its last checkpoint for the same number of steps (its own lr): what
+the extra steps alone give, the fair reference when the float model is not converged.
 
 | SepFormer (SpeechBrain) | Float | Float + | Vanilla QAT 8-bit | FQSS 8-bit |
 |---|---|---|---|---|

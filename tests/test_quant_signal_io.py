@@ -111,3 +111,60 @@ def test_input_splitter_needs_two_splits():
     import pytest
     with pytest.raises(ValueError, match="at least 2 splits"):
         InputSplitter(torch.zeros(4, 1, 3), 0, 8, 1, 8, None)
+
+
+def _calibrated_split(splits: int, x: torch.Tensor) -> nn.Module:
+    from fqss_plugin.quant import ActivationQuantizer, SplitActivationQuantizer
+    first = ActivationQuantizer(bits=8, calib_steps=1)
+    quantizer = SplitActivationQuantizer(first, 8, splits) if splits > 1 else first
+    quantizer.train()(x)
+    first.end_calibration_step()
+    return quantizer.eval()
+
+
+def test_split_activation_on_two_8_bit_tensors_has_16_bit_precision():
+    x = torch.relu(torch.randn(4, 32, 500)) ** 2               # heavy-tailed, like a masked representation
+    single, split = _calibrated_split(1, x), _calibrated_split(2, x)
+    with torch.no_grad():
+        step = float(split.first.qparams()[0])
+        assert (split(x) - x).abs().max() <= step * residual_gain(8) / 2 * 1.001   # half a residual step
+        assert snr_db(split(x), x) > snr_db(single(x), x) + 40
+        first, residual = split.parts(x)
+        assert torch.equal(first, single(x))                   # the first part is the plain 8-bit tensor
+        codes = residual / step + 128
+        assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.min() >= 0 and codes.max() <= 255
+
+
+def test_fqss_decoder_runs_once_per_8_bit_part_of_the_mask_product():
+    from fqss_plugin.asteroid import prepare_model
+    from fqss_plugin.quant import ActivationQuantizer, SplitActivationQuantizer
+    from tests.test_asteroid_adapter import tiny_convtasnet
+    model = prepare_model(tiny_convtasnet(), fq.QuantConfig.fqss(calib_steps=1))
+    assert isinstance(model.decoder.input_quantizer, SplitActivationQuantizer)
+    vanilla = prepare_model(tiny_convtasnet(), fq.QuantConfig.vanilla())
+    assert type(vanilla.decoder.input_quantizer) is ActivationQuantizer
+    model(speech_like(batch=2, length=3000))
+    calibration_step(model)
+    decoder = model.decoder.eval()
+    latent = torch.relu(torch.randn(2, 2, 32, 300))
+    calls = []
+    linear_op = decoder.linear_op
+    decoder.linear_op = lambda x, weight, bias: calls.append(x) or linear_op(x, weight, bias)
+    with torch.no_grad():
+        per_part = decoder(latent)
+        assert len(calls) == 2                                 # one (integer) op per 8-bit part
+        once = linear_op(decoder.input_quantizer(latent), decoder.weight_quantizer(decoder.weight), None)
+    # sum of the per-part decoder outputs = decoder of the summed parts, up to float summation order
+    assert (decoder.output_combiner(once, decoder.output_quantizer) - per_part).abs().max() < 1e-5
+
+
+def test_a_checkpoint_with_another_number_of_decoder_input_splits_does_not_load():
+    from fqss_plugin.asteroid import prepare_model
+    from tests.test_asteroid_adapter import tiny_convtasnet
+    two = prepare_model(tiny_convtasnet(), fq.QuantConfig.fqss())
+    one = prepare_model(tiny_convtasnet(), fq.QuantConfig.fqss(decoder_in_splits=1))
+    import pytest
+    with pytest.raises(RuntimeError, match="input_quantizer"):
+        one.load_state_dict(two.state_dict())
+    with pytest.raises(RuntimeError, match="input_quantizer"):
+        two.load_state_dict(one.state_dict())

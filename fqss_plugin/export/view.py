@@ -15,7 +15,8 @@ the same values with ops the legacy TorchScript exporter writes plainly:
   while it has none for ConvTranspose;
 * Asteroid's ``GlobLN``/``ChanLN`` compute the same values in torch, without the scripted helper
   (which exports as ``If`` nodes), and export as a shorter op chain (:class:`_LayerNormFunction`);
-* the :class:`~fqss_plugin.quant.signal_io.OutputCombiner` quantizes its residual outputs through
+* the :class:`~fqss_plugin.quant.signal_io.OutputCombiner` and the
+  :class:`~fqss_plugin.quant.signal_io.SplitActivationQuantizer` quantize their residual parts through
   named modules, so that every activation Q/DQ pair of the graph belongs to a module
   (:func:`quantizer_calls` records them in graph order, for the per-quantizer parity report).
 
@@ -35,7 +36,8 @@ from torch import nn
 from ..quant.prepare import freeze
 from ..quant.quantizers import (ActivationQuantizer, FrozenActivationQuantizer, FrozenWeightQuantizer,
                                 WeightQuantizer)
-from ..quant.signal_io import InputSplitter, OutputCombiner, grid_step, residual_gain, split_signal
+from ..quant.signal_io import (InputSplitter, OutputCombiner, SplitActivationQuantizer, combine_signals, grid_step,
+                               residual_parts, split_signal)
 
 
 class ExportError(ValueError):
@@ -97,12 +99,27 @@ class ExportOutputCombiner(OutputCombiner):
 
     def forward(self, pre_activation: torch.Tensor, output_quantizer: nn.Module) -> torch.Tensor:
         out = output_quantizer(pre_activation)
-        gain = residual_gain(self.bits)
-        for i, quantizer in enumerate(self.residual_quantizers, start=1):
-            out = out + quantizer((pre_activation - out) / gain ** i) * gain ** i
+        if self.splits > 1:
+            parts = residual_parts(pre_activation, out, self.bits, self.splits,
+                                   lambda i, residual: self.residual_quantizers[i - 1](residual))
+            out = combine_signals([out, *parts], self.bits)
         if self.signal_scale is not None:
             out = self.signal_scale.denormalize(out)
         return out
+
+
+class ExportSplitActivationQuantizer(SplitActivationQuantizer):
+    """:class:`SplitActivationQuantizer` with its residual quantizers as modules (same values)."""
+
+    def _add_residual_quantizers(self) -> None:
+        scale, _ = self.first.qparams()
+        self.residual_quantizers = nn.ModuleList(
+            GridQuantizer(scale, 2 ** (self.bits - 1), 0, 2 ** self.bits - 1) for _ in range(1, self.splits))
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        first = self.first(x)
+        return [first, *residual_parts(x, first, self.bits, self.splits,
+                                       lambda i, residual: self.residual_quantizers[i - 1](residual))]
 
 
 class _LayerNormFunction(torch.autograd.Function):
@@ -238,6 +255,9 @@ def _rewrite(model: nn.Module, decoder: str) -> None:
         if isinstance(getattr(module, "output_combiner", None), OutputCombiner):
             module.output_combiner.__class__ = ExportOutputCombiner
             module.output_combiner._add_residual_quantizers(module.output_quantizer)
+        if type(getattr(module, "input_quantizer", None)) is SplitActivationQuantizer:
+            module.input_quantizer.__class__ = ExportSplitActivationQuantizer
+            module.input_quantizer._add_residual_quantizers()
     _rewrite_asteroid(model, decoder)
 
 

@@ -9,12 +9,12 @@ from .prepare import freeze, prepare
 from .quantizers import ActivationQuantizer, WeightQuantizer
 from .recurrent import QLSTM
 from .registry import register
-from .signal_io import InputSplitter, OutputCombiner
+from .signal_io import InputSplitter, OutputCombiner, SplitActivationQuantizer
 
 __all__ = [
     "ActivationQuantizer", "Add", "Concat", "Mul", "CoverageReport", "InputSplitter", "OutputCombiner", "QAdd", "QConcat",
     "QLSTM", "QMul", "QMultiheadAttention",
-    "QuantConfig", "QuantizedLayer", "QuantizedModule", "WeightQuantizer", "attach_calibration",
+    "QuantConfig", "QuantizedLayer", "QuantizedModule", "SplitActivationQuantizer", "WeightQuantizer", "attach_calibration",
     "calibration_step", "coverage_report", "freeze", "is_calibrating", "parameter_groups", "prepare",
     "quantizer_parameters", "register",
 ]

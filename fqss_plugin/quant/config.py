@@ -16,6 +16,11 @@ class QuantConfig:
             learned input quantizer (vanilla QAT).
         out_splits: number of ``act_bits`` outputs the network output is recombined from
             (:class:`~fqss_plugin.quant.signal_io.OutputCombiner`); 1 means a single output quantizer.
+        decoder_in_splits: number of ``act_bits`` tensors the decoder's *input* is carried by
+            (:class:`~fqss_plugin.quant.signal_io.SplitActivationQuantizer`; the decoder runs once per
+            tensor). It applies to decoders that quantize their own input, a product computed outside
+            any module such as the mask product of Asteroid's and SpeechBrain's decoders; the output
+            of a linear decoder is no more precise than its input. 1: one 8-bit tensor.
         normalize_input: divide each example by its peak before splitting and multiply the output
             back (only used with ``in_splits > 1``).
         calib_steps: optimizer steps during which activation ranges are calibrated from data
@@ -32,6 +37,7 @@ class QuantConfig:
     act_bits: int = 8
     in_splits: int = 2
     out_splits: int = 2
+    decoder_in_splits: int = 1
     normalize_input: bool = True
     calib_steps: int = 100
     calib_method: str = "ema"
@@ -45,7 +51,7 @@ class QuantConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or not 2 <= value <= 16:
                 raise ValueError(f"QuantConfig.{name} must be an integer in 2..16, got {value!r}")
-        for name in ("in_splits", "out_splits"):
+        for name in ("in_splits", "out_splits", "decoder_in_splits"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 1 <= value <= 4:
                 raise ValueError(f"QuantConfig.{name} must be an integer in 1..4, got {value!r}")
@@ -61,8 +67,9 @@ class QuantConfig:
 
     @classmethod
     def fqss(cls, **overrides) -> QuantConfig:
-        """The FQSS method: W8A8, input split into 2 x 8-bit signals, output from 2 x 8-bit outputs."""
-        return cls(**{"in_splits": 2, "out_splits": 2, **overrides})
+        """The FQSS method: W8A8, input split into 2 x 8-bit signals, output from 2 x 8-bit outputs, and
+        (beyond the paper) the decoder's input, the mask product, on 2 x 8-bit tensors."""
+        return cls(**{"in_splits": 2, "out_splits": 2, "decoder_in_splits": 2, **overrides})
 
     @classmethod
     def vanilla(cls, **overrides) -> QuantConfig:

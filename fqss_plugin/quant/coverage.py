@@ -28,11 +28,12 @@ from torch.utils._pytree import tree_flatten
 
 from .layers import OutputQuantized, QuantizedModule
 from .quantizers import ActivationQuantizer, FrozenActivationQuantizer, FrozenWeightQuantizer, WeightQuantizer
-from .signal_io import InputSplitter, OutputCombiner
+from .signal_io import InputSplitter, OutputCombiner, SplitActivationQuantizer
 
 GRID_MODULES = (ActivationQuantizer, FrozenActivationQuantizer, WeightQuantizer, FrozenWeightQuantizer,
-                InputSplitter, OutputCombiner)
-"""Modules whose outputs are on an integer grid (or, for the combiner, a sum of such outputs)."""
+                InputSplitter, OutputCombiner, SplitActivationQuantizer)
+"""Modules whose outputs are on an integer grid (or, for the combiner and the split quantizer, a sum of
+such outputs or of the integer ops run on them)."""
 
 SHAPE_MODULES = (nn.Identity, nn.Dropout, nn.Flatten, nn.Unflatten, nn.ZeroPad1d, nn.ZeroPad2d,
                  nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -138,6 +139,8 @@ def _describe_point(name: str, module: nn.Module) -> QuantPoint:
         return QuantPoint(name, "input", f"{module.splits} x {module.bits}-bit signals")
     if isinstance(module, OutputCombiner):
         return QuantPoint(name, "output", f"{module.splits} x {module.bits}-bit outputs")
+    if isinstance(module, SplitActivationQuantizer):
+        return QuantPoint(name, "activation", f"{module.splits} x {module.bits}-bit tensors")
     kind = "weight" if isinstance(module, (WeightQuantizer, FrozenWeightQuantizer)) else "activation"
     return QuantPoint(name, kind, module.extra_repr())
 

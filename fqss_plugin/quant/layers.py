@@ -6,7 +6,8 @@ objects, every reference to the module sees the quantized version, and a float `
 still loads strictly apart from the added quantizer keys.
 
 * :class:`QuantizedLayer` (conv, transposed conv, linear): per-channel quantized weight,
-  optional input quantizer or :class:`~fqss_plugin.quant.signal_io.InputSplitter`, and an output
+  optional input quantizer (or :class:`~fqss_plugin.quant.signal_io.SplitActivationQuantizer`) or
+  :class:`~fqss_plugin.quant.signal_io.InputSplitter`, and an output
   :class:`ActivationQuantizer` or :class:`~fqss_plugin.quant.signal_io.OutputCombiner`.
   The bias stays float here and becomes int32 (scale ``s_x·s_w``) at export.
 * :class:`OutputQuantized` (norms, activations): the float op, then an output quantizer. Norm
@@ -25,6 +26,7 @@ from torch import nn
 from .config import QuantConfig
 from .quantizers import ActivationQuantizer, WeightQuantizer
 from .registry import register
+from .signal_io import SplitActivationQuantizer
 
 
 def activation_quantizer(config: QuantConfig) -> ActivationQuantizer:
@@ -86,6 +88,8 @@ class QuantizedLayer(QuantizedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_splitter is not None:
             out = self.input_splitter(x, self)
+        elif isinstance(self.input_quantizer, SplitActivationQuantizer):
+            out = self.input_quantizer(x, self)
         else:
             if self.input_quantizer is not None:
                 x = self.input_quantizer(x)

@@ -7,7 +7,7 @@ from .config import QuantConfig
 from .layers import QuantizedLayer, QuantizedModule, activation_quantizer
 from .quantizers import ActivationQuantizer, FrozenActivationQuantizer, FrozenWeightQuantizer, WeightQuantizer
 from .registry import wrapper_for
-from .signal_io import InputSplitter, OutputCombiner, SignalScale
+from .signal_io import InputSplitter, OutputCombiner, SignalScale, SplitActivationQuantizer
 
 
 def prepare(model: nn.Module, config: QuantConfig | None = None, encoder: str | None = None,
@@ -17,7 +17,8 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, encoder: str | 
     Every module whose type has a registered wrapper is converted in place (same object, same
     parameter names). ``encoder`` and ``decoder`` name (as in ``named_modules``) the first and
     last weighted layers: the encoder gets the :class:`InputSplitter` (or, with ``in_splits=1``,
-    a learned input quantizer), the decoder the :class:`OutputCombiner`.
+    a learned input quantizer), the decoder the :class:`OutputCombiner` and, if it quantizes its own
+    input and ``decoder_in_splits > 1``, a :class:`SplitActivationQuantizer` for that input.
 
     Load pretrained float weights before the first forward pass: weight steps, split kernels
     and activation ranges initialise themselves from the weights and data they first see.
@@ -53,6 +54,9 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, encoder: str | 
             raise ValueError(f"prepare: decoder={decoder!r} already has an output combiner (prepared twice?)")
         if config.out_splits > 1 or signal_scale is not None:
             layer.output_combiner = OutputCombiner(config.act_bits, config.out_splits, signal_scale)
+        if config.decoder_in_splits > 1 and isinstance(layer.input_quantizer, ActivationQuantizer):
+            layer.input_quantizer = SplitActivationQuantizer(layer.input_quantizer, config.act_bits,
+                                                             config.decoder_in_splits)
     return model
 
 

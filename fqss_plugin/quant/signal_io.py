@@ -11,14 +11,22 @@ gain ``ρ = 1/(2^b - 1) = Δ/(2 - Δ)``:
   (the paper's ``Δ/2`` stretches the top half-step past the grid and loses a level of precision
   on those samples); rounding half up (not the published floor) leaves no constant offset.
 * **Combine** (:func:`combine_signals`): ``y = Σ_i ρ^i y_i``.
+* **Residual outputs** (:func:`residual_parts`): a tensor ``a`` already quantized once, ``y_0 = Q_0(a)``
+  with step ``s``, gets further b-bit tensors ``y_i = Q_i((a - Σ_{j<i} ρ^j y_j) / ρ^i)`` on step ``s``
+  with the mid zero point ``2^(b-1)``: the rounding error in ``[-s/2, s/2]`` stretched by ``1/ρ = 2^b - 1``
+  spans exactly the ``2^b`` codes, so ``Σ_i ρ^i y_i`` has the precision of ``splits·b`` bits.
 
 :class:`InputSplitter` normalises each example by its own peak ``θ`` (so batching and chunking
 do not change the result), splits it and feeds every split to the first layer, whose input is
 thereby widened ``n``-fold. Split ``i`` has its own kernel, initialised to ``ρ^i`` times the float
 kernel so that the widened layer reproduces the float layer at step 0. :class:`OutputCombiner`
 emits ``n`` b-bit outputs of the last layer and multiplies the recombined output back by ``θ``.
+:class:`SplitActivationQuantizer` carries an activation *inside* the network, e.g. the decoder's
+input (the mask product), on ``n`` b-bit tensors, and the layer consuming it runs once per tensor.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -57,6 +65,28 @@ def combine_signals(signals: list[torch.Tensor], bits: int) -> torch.Tensor:
     """``Σ_i ρ^i y_i``, the inverse of :func:`split_signal`."""
     gain = residual_gain(bits)
     return sum(signal * gain ** i for i, signal in enumerate(signals))
+
+
+def residual_parts(x: torch.Tensor, first: torch.Tensor, bits: int, splits: int,
+                   quantize: Callable[[int, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """``[y_1, ..., y_{splits-1}]``: the residual b-bit tensors of ``x`` after ``y_0 = first``.
+
+    ``y_i = quantize(i, (x - Σ_{j<i} ρ^j y_j) / ρ^i)``, where ``quantize`` rounds to ``y_0``'s step with
+    the zero point ``2^(b-1)`` (:func:`residual_quantizer`). The gradient reaches ``x`` through every
+    part (straight-through inside the range).
+    """
+    gain = residual_gain(bits)
+    parts, total = [], first
+    for i in range(1, splits):
+        parts.append(quantize(i, (x - total) / gain ** i))
+        total = total + parts[-1] * gain ** i
+    return parts
+
+
+def residual_quantizer(scale: torch.Tensor, bits: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """Fake-quantization on step ``scale`` with the mid zero point ``2^(b-1)`` (every residual part)."""
+    mid = torch.full((1,), 2 ** (bits - 1), dtype=torch.int32, device=scale.device)
+    return lambda _, residual: torch.fake_quantize_per_tensor_affine(residual, scale, mid, 0, 2 ** bits - 1)
 
 
 class SignalScale:
@@ -169,15 +199,53 @@ class OutputCombiner(nn.Module):
         out = output_quantizer(pre_activation)
         if self.splits > 1:
             scale, _ = output_quantizer.qparams()
-            mid = torch.full((1,), 2 ** (self.bits - 1), dtype=torch.int32, device=scale.device)
-            gain = residual_gain(self.bits)
-            for i in range(1, self.splits):
-                residual = (pre_activation - out) / gain ** i
-                part = torch.fake_quantize_per_tensor_affine(residual, scale, mid, 0, 2 ** self.bits - 1)
-                out = out + part * gain ** i
+            parts = residual_parts(pre_activation, out, self.bits, self.splits, residual_quantizer(scale, self.bits))
+            out = combine_signals([out, *parts], self.bits)
         if self.signal_scale is not None:
             out = self.signal_scale.denormalize(out)
         return out
 
     def extra_repr(self) -> str:
         return f"splits={self.splits}, bits={self.bits}, denormalize={self.signal_scale is not None}"
+
+
+class SplitActivationQuantizer(nn.Module):
+    """An activation carried by ``splits`` b-bit tensors instead of one (more precision, same grid).
+
+    ``y_0 = Q_0(x)`` is an ordinary learned :class:`ActivationQuantizer` (``first``: calibrated, then
+    trained); the others are its residuals (:func:`residual_parts`, fixed, on ``Q_0``'s step). As the
+    input quantizer of a layer it runs the layer's op once per part, ``Σ_i ρ^i op(y_i; W)`` with the bias
+    added once, which is what an integer engine computes (one integer op per 8-bit tensor, the
+    results summed in the accumulator domain); called on its own it returns ``Σ_i ρ^i y_i``.
+
+    Where it pays: a linear decoder maps its input to the output samples, so the output of a
+    separator cannot be more precise than the decoder's input, whatever the output combiner does.
+    """
+
+    def __init__(self, first: nn.Module, bits: int, splits: int) -> None:
+        super().__init__()
+        if splits < 2:
+            raise ValueError(f"SplitActivationQuantizer needs at least 2 splits, got {splits}")
+        self.first = first
+        self.bits = bits
+        self.splits = splits
+        # in the state_dict, so that a checkpoint with another number of splits does not load silently
+        self.register_buffer("n_splits", torch.tensor(splits))
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        first = self.first(x)
+        scale, _ = self.first.qparams()
+        return [first, *residual_parts(x, first, self.bits, self.splits, residual_quantizer(scale, self.bits))]
+
+    def forward(self, x: torch.Tensor, layer: nn.Module | None = None) -> torch.Tensor:
+        parts = self.parts(x)
+        if layer is None:
+            return combine_signals(parts, self.bits)
+        weight, gain = layer.weight_quantizer(layer.weight), residual_gain(self.bits)
+        out = layer.linear_op(parts[0], weight, layer.bias)
+        for i, part in enumerate(parts[1:], start=1):
+            out = out + layer.linear_op(part, weight, None) * gain ** i
+        return out
+
+    def extra_repr(self) -> str:
+        return f"splits={self.splits}, bits={self.bits}"
