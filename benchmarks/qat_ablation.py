@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
                         help=f"run these variants only (default all: {', '.join(VARIANTS)})")
     parser.add_argument("--no-write", action="store_true", help="print, do not write BENCHMARKS.md")
+    parser.add_argument("--section", default="QAT ablation (embedded ConvTasNet)",
+                        help="the BENCHMARKS.md section to write (e.g. its own one for an --only subset)")
     args = parser.parse_args(argv)
     variants = {name: VARIANTS[name] for name in VARIANTS if not args.only or name in args.only}
     conf, sources, minutes = None, {"float": args.teacher}, {}
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             + "\n\n" + SPREAD_NOTE)
     print(body)
     if not args.no_write:
-        write_section("QAT ablation (embedded ConvTasNet)", body)
+        write_section(args.section, body)
     return 0
 
 

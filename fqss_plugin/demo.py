@@ -24,6 +24,7 @@ from pathlib import Path
 
 import matplotlib
 import torch
+import yaml
 
 from .asteroid import resolve_package
 from .asteroid_recipe import RecipeError, load_model, parse_conf, score_test_set, train
@@ -68,10 +69,18 @@ def plot(results: dict, path: Path) -> None:
 
 def fine_tune(recipe: str, conf_name: str, teacher: str, data: Path, exp_dir: Path, epochs: int,
               limit_train_batches: float = 1.0, flags: tuple[str, ...] = ()) -> dict:
-    """Train ``recipes/LibriMix/<recipe>/conf/<conf_name>.yml`` from the float ``teacher``; its conf."""
+    """Train ``recipes/LibriMix/<recipe>/conf/<conf_name>.yml`` from the float ``teacher``; its conf.
+
+    A finished or interrupted run in ``exp_dir`` is resumed (or reused) only if it was made with the
+    same conf; one made with another (an edited recipe, another fqss version) is trained afresh.
+    """
     conf = parse_conf(REPO / "recipes" / "LibriMix" / recipe / "conf" / f"{conf_name}.yml",
                       ["--exp_dir", str(exp_dir), "--data_dir", str(data / "data"), "--pretrained", teacher,
                        "--epochs", str(epochs), "--limit_train_batches", str(limit_train_batches), *flags])
+    previous = exp_dir / "conf.yml"
+    if previous.is_file() and yaml.safe_load(previous.read_text()) != conf:
+        print(f"{exp_dir}: made with another conf (an edited recipe or fqss version); training it afresh")
+        shutil.rmtree(exp_dir)
     train(conf, build_float=None)
     return conf
 

@@ -34,6 +34,15 @@ def test_demo_runs_end_to_end_on_tiny_data(tmp_path, capsys):
     float_more = json.loads((tmp_path / "out" / "float_more" / "best_k_models.json").read_text())
     assert float_more and (tmp_path / "out" / "float_more" / "best_model.pth").is_file()
     assert (tmp_path / "out" / "per_mixture.png").stat().st_size > 10_000
+    # a run made with another conf (an edited recipe, another fqss version) is trained afresh, not resumed
+    from fqss_plugin.demo import fine_tune
+    capsys.readouterr()
+    fine_tune("ConvTasNet", "fqss", str(teacher), tmp_path / "data", tmp_path / "out" / "fqss", 1, 2,
+              ("--decoder_in_splits", "1"))
+    assert "made with another conf" in capsys.readouterr().out
+    fine_tune("ConvTasNet", "fqss", str(teacher), tmp_path / "data", tmp_path / "out" / "fqss", 1, 2,
+              ("--decoder_in_splits", "1"))
+    assert "made with another conf" not in capsys.readouterr().out      # same conf: resumed (finished)
     # a rerun resumes the runs made from the same teacher, and starts afresh those made from another one
     from fqss_plugin.demo import discard_runs_of_another_teacher
     discard_runs_of_another_teacher(str(teacher), tmp_path / "out")
