@@ -7,7 +7,8 @@ and with one group at a time run as identities (:func:`fqss_plugin.quant.sensiti
 rounding; groups interact, so the costs need not add up. Writes its section of BENCHMARKS.md.
 
     python benchmarks/quantizer_sensitivity.py                      # after `make demo`
-    python benchmarks/quantizer_sensitivity.py --model exp/paper_table/ConvTasNet/fqss/best_model.pth
+    python benchmarks/quantizer_sensitivity.py --model exp/qat_ablation/fqss_8_bit_mask_product/best_model.pth \
+        --section "Quantizer sensitivity, 8-bit mask product (embedded ConvTasNet)"
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.report import command_line, write_section  # noqa: E402
+from benchmarks.report import command_line, repo_path, write_section  # noqa: E402
 from fqss_plugin.asteroid_recipe import load_model, parse_conf, score_test_set  # noqa: E402
 from fqss_plugin.demo import TEACHER, paired_delta, si_sdri  # noqa: E402
 from fqss_plugin.quant.sensitivity import bypassed, modules_named, quantizer_groups  # noqa: E402
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", default=str(TEACHER), help="the float model it was trained from")
     parser.add_argument("--data", type=Path, default=REPO / "data" / "librimix", help="embedded data directory")
     parser.add_argument("--no-write", action="store_true", help="print, do not write BENCHMARKS.md")
+    parser.add_argument("--section", default="Quantizer sensitivity (embedded ConvTasNet)",
+                        help="the BENCHMARKS.md section to write")
     args = parser.parse_args(argv)
     if not args.model.is_file():
         parser.error(f"--model {args.model}: no such file (run `make demo` first, or pass a recipe's best_model.pth)")
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{delta(values, teacher)} |")
     body = f"""Command: `{command_line()}`
 
-Model: `{args.model.relative_to(REPO) if args.model.resolve().is_relative_to(REPO) else args.model}` (scored with
+Model: `{repo_path(args.model)}` (scored with
 its quantizers as trained), float teacher `{Path(args.teacher).name}`; {len(quantized)} embedded test mixtures,
 paired deltas per mixture ± 95 % CI half-width. A row runs the named quantizers as identities (the
 8-bit input split and 2 x 8-bit output recombination stay in place, except their quantizers in the row
@@ -77,7 +80,7 @@ QAT-trained weights in float: the gap to the teacher that training, not rounding
 Wall time {(time.time() - start) / 60:.1f} min (1 thread)."""
     print("\n" + body)
     if not args.no_write:
-        write_section("Quantizer sensitivity (embedded ConvTasNet)", body)
+        write_section(args.section, body)
     return 0
 
 

@@ -18,6 +18,12 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [script.as_posix(), *sys.argv[1:]])
 
 
+def repo_path(path: Path) -> str:
+    """``path`` relative to the repository root when it lies inside it (as a user would type it there)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(BENCHMARKS.parent)) if path.is_relative_to(BENCHMARKS.parent) else str(path)
+
+
 def write_section(title: str, body: str) -> None:
     """Replace (or append) the ``## title`` section of BENCHMARKS.md with ``body``."""
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER

@@ -5,7 +5,9 @@ embedded-size hparams (``sepformer-embedded-{float,vanilla,fqss}.yaml``):
 
 1. step time: ``FQSSSeparation.fit_batch`` of the three Brains, interleaved, on the same batch,
    past calibration (the FQSS step includes the float teacher's forward pass);
-2. the float SepFormer is trained from scratch (``--budget`` x ``--float-share`` minutes);
+2. the float SepFormer is trained from scratch (``--budget`` x ``--float-share`` minutes), or, with
+   ``--float-run``, a finished float run of the recipe is taken as it is (the shipped teacher was made
+   that way: ``recipes/LibriMix/SepFormer/pretrained/embedded_float/README.md``);
 3. vanilla QAT and FQSS QAT start from its ``pretrained/`` package and take the same number of
    optimizer steps (the rest of the budget); "float +" continues the float run from its last
    checkpoint for that many steps too (at this budget the float model is not converged, and the
@@ -35,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.report import command_line, write_section  # noqa: E402
+from benchmarks.report import command_line, repo_path, write_section  # noqa: E402
 from fqss_plugin.data.librimix import prepare_librimix_csv  # noqa: E402
 from fqss_plugin.data.speech import SpeechConfig, generate_speech  # noqa: E402
 
@@ -130,11 +132,6 @@ def paired(quantized: list[float], reference: list[float]) -> tuple[float, float
     deltas = torch.tensor(quantized) - torch.tensor(reference)
     half = 1.96 * float(deltas.std(unbiased=True)) / math.sqrt(len(deltas)) if len(deltas) > 1 else float("nan")
     return float(deltas.mean()), half
-
-
-def display(path: Path) -> str:
-    path = path.resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def yaml_keys(path: str, keys: tuple[str, ...]) -> dict[str, str]:
@@ -232,6 +229,10 @@ def main(argv=None) -> int:
     runs = {}
     for index, mode in enumerate(MODES + ("float_more",), start=2):
         out = work / mode
+        if mode == "float" and args.float_run:
+            runs[mode] = json.loads((out / "run.json").read_text())
+            print(f"[{index}/5] {LABELS[mode]}: the finished run {args.float_run}")
+            continue
         if args.reuse and (out / "run.json").is_file() and (out / "test_results.csv").is_file():
             runs[mode] = json.loads((out / "run.json").read_text())
             print(f"[{index}/5] {LABELS[mode]}: reusing {out}")
@@ -287,7 +288,7 @@ def main(argv=None) -> int:
                        "dominated by the distillation term, so it follows the teacher rather than training further.")
     float_run = runs["float"]
     if args.float_run:
-        float_source = (f"Float: the finished recipe run `{display(args.float_run)}` ({float_run['epochs']} epochs; how it "
+        float_source = (f"Float: the finished recipe run `{repo_path(args.float_run)}` ({float_run['epochs']} epochs; how it "
                         "was trained: its README / `train_log.txt`).")
     else:
         float_source = (f"Training budget {args.budget:g} min: float from scratch {float_run['epochs']} epoch(s) x "
