@@ -298,14 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     teacher, teacher_source = load_teacher(args.teacher)
     cached = work / "fqss_model.pth"
     meta_path = work / "fqss_model.json"
-    if cached.is_file() and meta_path.is_file() and not args.retrain:
-        model, qat_meta = load_quantized_model(cached).eval(), json.loads(meta_path.read_text())
-    else:
+    wanted = {"teacher": teacher_source, "qat_steps": args.qat_steps, "calib_steps": args.calib_steps,
+              **recipe_loss_settings(), "config": fq.QuantConfig.fqss(calib_steps=args.calib_steps).to_dict()}
+    wanted = json.loads(json.dumps(wanted))                            # as the cache stores it (lists, not tuples)
+    previous = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if cached.is_file() and not args.retrain and all(previous.get(k) == v for k, v in wanted.items()):
+        model, qat_meta = load_quantized_model(cached).eval(), previous
+    else:                  # no cache, or one made with other settings (another fqss version, recipe loss, ...)
         start = time.time()
         model, config = qat(teacher, args.qat_steps, args.calib_steps)
-        qat_meta = {"teacher": teacher_source, "qat_steps": args.qat_steps, "calib_steps": args.calib_steps,
-                    **recipe_loss_settings(),
-                    "qat_seconds": round(time.time() - start)}
+        qat_meta = {**wanted, "qat_seconds": round(time.time() - start)}
         save_quantized_model(model, cached, config, qat_meta)
         meta_path.write_text(json.dumps(qat_meta))
         torch.save(teacher.state_dict(), work / "teacher_state.pth")
