@@ -144,7 +144,7 @@ def yaml_keys(path: str, keys: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
-def use_float_run(run: Path, float_dir: Path, batch_size: int) -> None:
+def use_float_run(run: Path, float_dir: Path) -> None:
     """Make a finished float run of the recipe this benchmark's float model (a link, and its ``run.json``)."""
     run = run.resolve()
     missing = [p for p in ("pretrained", "save", "test_results.csv", "train_log.txt") if not (run / p).exists()]
@@ -156,12 +156,9 @@ def use_float_run(run: Path, float_dir: Path, batch_size: int) -> None:
         raise SystemExit(f"{float_dir} exists and is not {run}: remove it or pick another --out")
     float_dir.parent.mkdir(parents=True, exist_ok=True)
     float_dir.symlink_to(run, target_is_directory=True)
+    # its epochs (float + continues from there); its training data is in its own hyperparams.yaml
     epochs = sum(1 for line in (run / "train_log.txt").read_text().splitlines() if line.startswith("epoch:"))
-    train_csv = run / "save" / "libri2mix_train-360.csv"
-    mixtures = sum(1 for _ in open(train_csv)) - 1 if train_csv.is_file() else 0
-    info = {"epochs": epochs, "train_mixtures": mixtures, "steps": epochs * (mixtures // batch_size),
-            "source": str(run)}
-    (run / "run.json").write_text(json.dumps(info))
+    (run / "run.json").write_text(json.dumps({"epochs": epochs, "source": str(run)}))
 
 
 def main(argv=None) -> int:
@@ -222,7 +219,7 @@ def main(argv=None) -> int:
     if args.qat_epochs:
         qat_steps = args.qat_epochs * (train_count // batch_size)
     if args.float_run:
-        use_float_run(args.float_run, work / "float", batch_size)
+        use_float_run(args.float_run, work / "float")
     recipe = load_recipe()
     common = ["--data_folder", str(libri2mix), "--device", "cpu", "--noprogressbar", "--valid_data", str(valid),
               "--test_data", str(test)]

@@ -36,8 +36,7 @@ from torch import nn
 from ..quant.prepare import freeze
 from ..quant.quantizers import (ActivationQuantizer, FrozenActivationQuantizer, FrozenWeightQuantizer,
                                 WeightQuantizer)
-from ..quant.signal_io import (InputSplitter, OutputCombiner, SplitActivationQuantizer, combine_signals, grid_step,
-                               residual_parts, split_signal)
+from ..quant.signal_io import InputSplitter, OutputCombiner, SplitActivationQuantizer, grid_step, split_signal
 
 
 class ExportError(ValueError):
@@ -89,37 +88,24 @@ class ExportInputSplitter(InputSplitter):
         return out
 
 
-class ExportOutputCombiner(OutputCombiner):
-    """:class:`OutputCombiner` with its residual quantizers as modules (same values)."""
+class ExportResidualQuantizers:
+    """Mixin of the export variants of :class:`OutputCombiner` and :class:`SplitActivationQuantizer`: the
+    residual parts go through :class:`GridQuantizer` modules (same values), one Q/DQ pair each."""
 
-    def _add_residual_quantizers(self, output_quantizer: nn.Module) -> None:
-        scale, _ = output_quantizer.qparams()
+    def _add_residual_quantizers(self, scale: torch.Tensor) -> None:
         self.residual_quantizers = nn.ModuleList(
             GridQuantizer(scale, 2 ** (self.bits - 1), 0, 2 ** self.bits - 1) for _ in range(1, self.splits))
 
-    def forward(self, pre_activation: torch.Tensor, output_quantizer: nn.Module) -> torch.Tensor:
-        out = output_quantizer(pre_activation)
-        if self.splits > 1:
-            parts = residual_parts(pre_activation, out, self.bits, self.splits,
-                                   lambda i, residual: self.residual_quantizers[i - 1](residual))
-            out = combine_signals([out, *parts], self.bits)
-        if self.signal_scale is not None:
-            out = self.signal_scale.denormalize(out)
-        return out
+    def residual_quantizer(self, scale: torch.Tensor):
+        return lambda i, residual: self.residual_quantizers[i - 1](residual)
 
 
-class ExportSplitActivationQuantizer(SplitActivationQuantizer):
-    """:class:`SplitActivationQuantizer` with its residual quantizers as modules (same values)."""
+class ExportOutputCombiner(ExportResidualQuantizers, OutputCombiner):
+    """:class:`OutputCombiner` with its residual quantizers as modules."""
 
-    def _add_residual_quantizers(self) -> None:
-        scale, _ = self.first.qparams()
-        self.residual_quantizers = nn.ModuleList(
-            GridQuantizer(scale, 2 ** (self.bits - 1), 0, 2 ** self.bits - 1) for _ in range(1, self.splits))
 
-    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
-        first = self.first(x)
-        return [first, *residual_parts(x, first, self.bits, self.splits,
-                                       lambda i, residual: self.residual_quantizers[i - 1](residual))]
+class ExportSplitActivationQuantizer(ExportResidualQuantizers, SplitActivationQuantizer):
+    """:class:`SplitActivationQuantizer` with its residual quantizers as modules."""
 
 
 class _LayerNormFunction(torch.autograd.Function):
@@ -254,10 +240,10 @@ def _rewrite(model: nn.Module, decoder: str) -> None:
     for module in model.modules():
         if isinstance(getattr(module, "output_combiner", None), OutputCombiner):
             module.output_combiner.__class__ = ExportOutputCombiner
-            module.output_combiner._add_residual_quantizers(module.output_quantizer)
+            module.output_combiner._add_residual_quantizers(module.output_quantizer.qparams()[0])
         if type(getattr(module, "input_quantizer", None)) is SplitActivationQuantizer:
             module.input_quantizer.__class__ = ExportSplitActivationQuantizer
-            module.input_quantizer._add_residual_quantizers()
+            module.input_quantizer._add_residual_quantizers(module.input_quantizer.first.qparams()[0])
     _rewrite_asteroid(model, decoder)
 
 

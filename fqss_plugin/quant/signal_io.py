@@ -11,7 +11,7 @@ gain ``ρ = 1/(2^b - 1) = Δ/(2 - Δ)``:
   (the paper's ``Δ/2`` stretches the top half-step past the grid and loses a level of precision
   on those samples); rounding half up (not the published floor) leaves no constant offset.
 * **Combine** (:func:`combine_signals`): ``y = Σ_i ρ^i y_i``.
-* **Residual outputs** (:func:`residual_parts`): a tensor ``a`` already quantized once, ``y_0 = Q_0(a)``
+* **Residual outputs** (:class:`ResidualSplit`): a tensor ``a`` already quantized once, ``y_0 = Q_0(a)``
   with step ``s``, gets further b-bit tensors ``y_i = Q_i((a - Σ_{j<i} ρ^j y_j) / ρ^i)`` on step ``s``
   with the mid zero point ``2^(b-1)``: the rounding error in ``[-s/2, s/2]`` stretched by ``1/ρ = 2^b - 1``
   spans exactly the ``2^b`` codes, so ``Σ_i ρ^i y_i`` has the precision of ``splits·b`` bits.
@@ -65,28 +65,6 @@ def combine_signals(signals: list[torch.Tensor], bits: int) -> torch.Tensor:
     """``Σ_i ρ^i y_i``, the inverse of :func:`split_signal`."""
     gain = residual_gain(bits)
     return sum(signal * gain ** i for i, signal in enumerate(signals))
-
-
-def residual_parts(x: torch.Tensor, first: torch.Tensor, bits: int, splits: int,
-                   quantize: Callable[[int, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
-    """``[y_1, ..., y_{splits-1}]``: the residual b-bit tensors of ``x`` after ``y_0 = first``.
-
-    ``y_i = quantize(i, (x - Σ_{j<i} ρ^j y_j) / ρ^i)``, where ``quantize`` rounds to ``y_0``'s step with
-    the zero point ``2^(b-1)`` (:func:`residual_quantizer`). The gradient reaches ``x`` through every
-    part (straight-through inside the range).
-    """
-    gain = residual_gain(bits)
-    parts, total = [], first
-    for i in range(1, splits):
-        parts.append(quantize(i, (x - total) / gain ** i))
-        total = total + parts[-1] * gain ** i
-    return parts
-
-
-def residual_quantizer(scale: torch.Tensor, bits: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
-    """Fake-quantization on step ``scale`` with the mid zero point ``2^(b-1)`` (every residual part)."""
-    mid = torch.full((1,), 2 ** (bits - 1), dtype=torch.int32, device=scale.device)
-    return lambda _, residual: torch.fake_quantize_per_tensor_affine(residual, scale, mid, 0, 2 ** bits - 1)
 
 
 class SignalScale:
@@ -171,7 +149,32 @@ class InputSplitter(nn.Module):
         return f"splits={self.splits}, bits={self.bits}, normalize={self.signal_scale is not None}"
 
 
-class OutputCombiner(nn.Module):
+class ResidualSplit:
+    """Mixin of :class:`OutputCombiner` and :class:`SplitActivationQuantizer` (``bits``, ``splits``): the
+    residual b-bit parts of a tensor already quantized once."""
+
+    bits: int
+    splits: int
+
+    def residual_quantizer(self, scale: torch.Tensor) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """``(i, r) -> y_i``: fake-quantization on step ``scale`` with the mid zero point ``2^(b-1)``."""
+        mid = torch.full((1,), 2 ** (self.bits - 1), dtype=torch.int32, device=scale.device)
+        return lambda _, residual: torch.fake_quantize_per_tensor_affine(residual, scale, mid, 0, 2 ** self.bits - 1)
+
+    def split_residuals(self, x: torch.Tensor, first: torch.Tensor,
+                        scale: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``([y_0, ..., y_{splits-1}], Σ_i ρ^i y_i)`` with ``y_0 = first`` (step ``scale``) and
+        ``y_i = Q((x - Σ_{j<i} ρ^j y_j) / ρ^i)``. The gradient reaches ``x`` through every part
+        (straight-through inside the range)."""
+        quantize, gain = self.residual_quantizer(scale), residual_gain(self.bits)
+        parts, total = [first], first
+        for i in range(1, self.splits):
+            parts.append(quantize(i, (x - total) / gain ** i))
+            total = total + parts[-1] * gain ** i
+        return parts, total
+
+
+class OutputCombiner(ResidualSplit, nn.Module):
     """Emits the last layer's output as ``splits`` b-bit tensors and recombines them.
 
     ``y_0 = Q_0(a)`` is the layer's ordinary output quantizer applied to its pre-quantization
@@ -198,9 +201,7 @@ class OutputCombiner(nn.Module):
     def forward(self, pre_activation: torch.Tensor, output_quantizer: nn.Module) -> torch.Tensor:
         out = output_quantizer(pre_activation)
         if self.splits > 1:
-            scale, _ = output_quantizer.qparams()
-            parts = residual_parts(pre_activation, out, self.bits, self.splits, residual_quantizer(scale, self.bits))
-            out = combine_signals([out, *parts], self.bits)
+            _, out = self.split_residuals(pre_activation, out, output_quantizer.qparams()[0])
         if self.signal_scale is not None:
             out = self.signal_scale.denormalize(out)
         return out
@@ -209,11 +210,11 @@ class OutputCombiner(nn.Module):
         return f"splits={self.splits}, bits={self.bits}, denormalize={self.signal_scale is not None}"
 
 
-class SplitActivationQuantizer(nn.Module):
+class SplitActivationQuantizer(ResidualSplit, nn.Module):
     """An activation carried by ``splits`` b-bit tensors instead of one (more precision, same grid).
 
     ``y_0 = Q_0(x)`` is an ordinary learned :class:`ActivationQuantizer` (``first``: calibrated, then
-    trained); the others are its residuals (:func:`residual_parts`, fixed, on ``Q_0``'s step). As the
+    trained); the others are its residuals (:class:`ResidualSplit`, fixed, on ``Q_0``'s step). As the
     input quantizer of a layer it runs the layer's op once per part, ``Σ_i ρ^i op(y_i; W)`` with the bias
     added once, which is what an integer engine computes (one integer op per 8-bit tensor, the
     results summed in the accumulator domain); called on its own it returns ``Σ_i ρ^i y_i``.
@@ -232,15 +233,17 @@ class SplitActivationQuantizer(nn.Module):
         # in the state_dict, so that a checkpoint with another number of splits does not load silently
         self.register_buffer("n_splits", torch.tensor(splits))
 
+    def split(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The parts ``[y_0, ...]`` and their sum ``Σ_i ρ^i y_i``."""
+        return self.split_residuals(x, self.first(x), self.first.qparams()[0])
+
     def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
-        first = self.first(x)
-        scale, _ = self.first.qparams()
-        return [first, *residual_parts(x, first, self.bits, self.splits, residual_quantizer(scale, self.bits))]
+        return self.split(x)[0]
 
     def forward(self, x: torch.Tensor, layer: nn.Module | None = None) -> torch.Tensor:
-        parts = self.parts(x)
+        parts, total = self.split(x)
         if layer is None:
-            return combine_signals(parts, self.bits)
+            return total
         weight, gain = layer.weight_quantizer(layer.weight), residual_gain(self.bits)
         out = layer.linear_op(parts[0], weight, layer.bias)
         for i, part in enumerate(parts[1:], start=1):
