@@ -28,7 +28,11 @@ SPREAD_NOTE = ("Single seed: the training crops come from Python's `random`, so 
                "anything consuming it (an earlier one validated on random crops) train on other crops; across such "
                "invocations these deltas moved by up to 0.05 dB, so read differences below that as noise.")
 DB, LINEAR = ("--loss_average", "db"), ("--loss_average", "linear")
-SPLIT, PAPER_SPLIT = ("--decoder_in_splits", "2"), ("--decoder_in_splits", "1")   # the mask product on 2 / 1 x 8 bits
+# on 2 x 8-bit tensors: the mask product (the decoder's input) and its operand the encoder's output (SPLIT, the
+# recipe's), the product only (MASK_SPLIT), neither (PAPER_SPLIT: the paper, every activation on one 8-bit tensor)
+SPLIT = ("--decoder_in_splits", "2", "--encoder_out_splits", "2")
+MASK_SPLIT = ("--decoder_in_splits", "2", "--encoder_out_splits", "1")
+PAPER_SPLIT = ("--decoder_in_splits", "1", "--encoder_out_splits", "1")
 VARIANTS = {   # name: (conf, flags, what it shows); the loss flags are spelled out, whatever the recipe's defaults
     "float +": ("float", ("--lr", WEIGHT_LR), "no quantization: the gain of the extra float steps alone"),
     "vanilla, ranges at the weights' lr": ("vanilla", ("--quantizer_lr", WEIGHT_LR, *DB), "before quantizer_lr"),
@@ -36,14 +40,23 @@ VARIANTS = {   # name: (conf, flags, what it shows); the loss flags are spelled 
     "vanilla, linear average": ("vanilla", LINEAR, "the paper's average of the loss"),
     "FQSS as published": ("fqss", ("--lambda_kd", "0.1", *LINEAR, *PAPER_SPLIT),
                           "lambda_kd 0.1, linear average, 8-bit mask product"),
-    "FQSS, the paper's loss": ("fqss", ("--lambda_kd", "0.1", *LINEAR, *SPLIT), "lambda_kd 0.1, linear average"),
-    "FQSS, lambda_kd 0.1": ("fqss", ("--lambda_kd", "0.1", *DB, *SPLIT), "the paper's distillation weight, dB average"),
+    "FQSS, the paper's loss": ("fqss", ("--lambda_kd", "0.1", *LINEAR, *MASK_SPLIT),
+                               "lambda_kd 0.1, linear average, 2 x 8-bit mask product"),
+    "FQSS, lambda_kd 0.1": ("fqss", ("--lambda_kd", "0.1", *DB, *MASK_SPLIT),
+                            "the paper's distillation weight, dB average, 2 x 8-bit mask product"),
     "FQSS": ("fqss", ("--lambda_kd", "0.01", *DB, *SPLIT),
-             "recipe default: splitter + combiner + 2 x 8-bit mask product, lambda_kd 0.01, dB average"),
+             "recipe default: splitter + combiner + 2 x 8-bit encoder output and mask product, lambda_kd 0.01, dB average"),
+    "FQSS, 8-bit encoder output": ("fqss", ("--lambda_kd", "0.01", *DB, *MASK_SPLIT),
+                                   "the encoder's output (the masker's input, the mask's operand) on one 8-bit tensor"),
     "FQSS, 8-bit mask product": ("fqss", ("--lambda_kd", "0.01", *DB, *PAPER_SPLIT),
-                                 "the decoder's input on one 8-bit tensor, as in the paper"),
-    "FQSS, no distillation": ("fqss", ("--lambda_kd", "0.0", *DB, *SPLIT), "splitter + combiner, task loss only"),
-    "FQSS, no distillation, linear average": ("fqss", ("--lambda_kd", "0.0", *LINEAR, *SPLIT), ""),
+                                 "encoder output and decoder input on one 8-bit tensor each, as in the paper"),
+    "FQSS, weights at 3e-5": ("fqss", ("--lr", "3e-5", "--lambda_kd", "0.01", *DB, *MASK_SPLIT),
+                              "8-bit encoder output; the weights' Adam lr lowered from 1e-4"),
+    "FQSS, weights at 1e-5": ("fqss", ("--lr", "1e-5", "--lambda_kd", "0.01", *DB, *MASK_SPLIT), "likewise"),
+    "FQSS, weights frozen": ("fqss", ("--lr", "0", "--lambda_kd", "0.01", *DB, *MASK_SPLIT),
+                             "likewise; only the quantizers' ranges learned: the teacher's weights, fake-quantized"),
+    "FQSS, no distillation": ("fqss", ("--lambda_kd", "0.0", *DB, *MASK_SPLIT), "8-bit encoder output, task loss only"),
+    "FQSS, no distillation, linear average": ("fqss", ("--lambda_kd", "0.0", *LINEAR, *MASK_SPLIT), ""),
 }
 
 
@@ -87,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         more = "-" if name == "float +" or vs_more is None else f"{vs_more[0]:+.3f} ± {vs_more[1]:.3f}"
         rows.append(f"| {name} | `{conf_name}.yml {' '.join(flags)}` | {mean:.3f} | {vs_float[0]:+.3f} ± "
                     f"{vs_float[1]:.3f} | {more} | {minutes[name]} | {note} |")
-    pairs = [("FQSS", "vanilla"), ("FQSS", "FQSS, 8-bit mask product"), ("FQSS", "FQSS as published"),
-             ("FQSS, the paper's loss", "FQSS as published"), ("FQSS", "FQSS, no distillation"), ("FQSS, lambda_kd 0.1", "FQSS"),
+    pairs = [("FQSS", "vanilla"), ("FQSS", "FQSS, 8-bit encoder output"),
+             ("FQSS, 8-bit encoder output", "FQSS, 8-bit mask product"), ("FQSS", "FQSS, 8-bit mask product"), ("FQSS", "FQSS as published"),
+             ("FQSS, the paper's loss", "FQSS as published"), ("FQSS, 8-bit encoder output", "FQSS, no distillation"),
+             ("FQSS, lambda_kd 0.1", "FQSS, 8-bit encoder output"), ("FQSS, weights frozen", "FQSS, 8-bit encoder output"),
              ("FQSS, no distillation", "vanilla"), ("FQSS, the paper's loss", "vanilla, linear average"),
              ("vanilla", "vanilla, linear average"), ("FQSS, no distillation", "FQSS, no distillation, linear average"),
              ("FQSS, lambda_kd 0.1", "FQSS, the paper's loss"), ("vanilla", "vanilla, ranges at the weights' lr")]

@@ -297,7 +297,7 @@ def main(argv=None) -> int:
         float_source = (f"Training budget {args.budget:g} min: float from scratch {float_run['epochs']} epoch(s) x "
                         f"{float_run['train_mixtures']} mixtures (~{float_run['steps']} steps).")
     fqss_settings = ", ".join(f"{key} {value}" for key, value in {
-        **yaml_keys(str(REPO / "hparams" / "fqss.yaml"), ("decoder_in_splits",)),
+        **yaml_keys(str(REPO / "hparams" / "fqss.yaml"), ("decoder_in_splits", "encoder_out_splits")),
         **yaml_keys(hparams_file("fqss"), ("lambda_kd", "loss_average"))}.items())
     walls = ", ".join(f"{LABELS[m]} {runs[m]['wall_min']:.0f} min" for m in everything if "wall_min" in runs[m])
     reused = (" (`--reuse`: the runs and step times of an earlier invocation with the same `--out` are kept; each "

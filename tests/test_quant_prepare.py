@@ -86,8 +86,8 @@ def test_freeze_is_bit_exact_and_exportable_ops_only():
         (model(x) - torch.stack([x, -x], 1)).pow(2).mean().backward()
         optimizer.step()
     assert_freeze_is_bit_exact(model, x)
-    assert "encoder.output_quantizer.zero_point" in model.state_dict()
-    assert model.state_dict()["encoder.output_quantizer.zero_point"].dtype == torch.int32
+    assert "encoder.output_quantizer.first.zero_point" in model.state_dict()
+    assert model.state_dict()["encoder.output_quantizer.first.zero_point"].dtype == torch.int32
 
 
 def test_freeze_before_any_forward_pass_says_what_to_do():
@@ -108,7 +108,7 @@ def test_coverage_report_lists_every_output_of_the_conv_net_as_quantized():
     assert "encoder.input_splitter" in points and "decoder.output_combiner" in points
     assert "verdict: fully quantized" in str(report)
     # the report ran on a copy: the model's quantizers have not seen the example
-    assert not bool(model.encoder.output_quantizer.initialized)
+    assert not bool(model.decoder.output_quantizer.initialized)
 
 
 class FunctionalResidual(nn.Module):

@@ -40,7 +40,7 @@ def test_more_splits_give_more_precision_for_other_bit_widths():
 
 def test_widened_encoder_reproduces_the_float_encoder_at_init_within_one_lsb():
     float_model = ToySeparator()
-    model = fq.prepare(copy.deepcopy(float_model), fq.QuantConfig.fqss(weight_bits=16),
+    model = fq.prepare(copy.deepcopy(float_model), fq.QuantConfig.fqss(weight_bits=16, encoder_out_splits=1),
                        encoder="encoder", decoder="decoder")
     x = speech_like(batch=2, length=4000)
     model(x)
@@ -168,3 +168,33 @@ def test_a_checkpoint_with_another_number_of_decoder_input_splits_does_not_load(
         one.load_state_dict(two.state_dict())
     with pytest.raises(RuntimeError, match="input_quantizer"):
         two.load_state_dict(one.state_dict())
+
+
+def test_encoder_output_on_two_8_bit_tensors_is_exported_with_both_parts(tmp_path):
+    from fqss_plugin.asteroid import prepare_model
+    from fqss_plugin.export import parity_report, to_onnx
+    from fqss_plugin.quant import ActivationQuantizer, SplitActivationQuantizer
+    from tests.test_asteroid_adapter import tiny_convtasnet
+    torch.manual_seed(0)
+    model = prepare_model(tiny_convtasnet(), fq.QuantConfig.fqss(calib_steps=2))     # encoder_out_splits 2
+    assert isinstance(model.encoder.output_quantizer, SplitActivationQuantizer)
+    one = fq.QuantConfig.fqss(encoder_out_splits=1)
+    assert type(prepare_model(tiny_convtasnet(), one).encoder.output_quantizer) is ActivationQuantizer
+    mix = speech_like(batch=2, length=3000)
+    for _ in range(2):
+        model(mix)
+        calibration_step(model)
+    model.eval()
+    from fqss_plugin.quant.sensitivity import bypassed
+    with torch.no_grad():
+        with bypassed([model.encoder.output_quantizer.first]):   # the encoder's accumulator, unquantized
+            reference = model.forward_encoder(mix)
+        split = model.forward_encoder(mix)
+        model.encoder.output_quantizer.splits = 1              # the same quantizer, first part only
+        single = model.forward_encoder(mix)
+        model.encoder.output_quantizer.splits = 2
+    assert snr_db(split, reference) > snr_db(single, reference) + 40
+    result = to_onnx(model, tmp_path / "split.onnx")
+    parity = parity_report(model, result.path, mix)
+    assert parity.snr_db >= 40, str(parity)
+    assert "encoder.output_quantizer.residual_quantizers.0" in {q.name for q in parity.quantizers}

@@ -241,9 +241,10 @@ def _rewrite(model: nn.Module, decoder: str) -> None:
         if isinstance(getattr(module, "output_combiner", None), OutputCombiner):
             module.output_combiner.__class__ = ExportOutputCombiner
             module.output_combiner._add_residual_quantizers(module.output_quantizer.qparams()[0])
-        if type(getattr(module, "input_quantizer", None)) is SplitActivationQuantizer:
-            module.input_quantizer.__class__ = ExportSplitActivationQuantizer
-            module.input_quantizer._add_residual_quantizers(module.input_quantizer.first.qparams()[0])
+        for quantizer in (getattr(module, "input_quantizer", None), getattr(module, "output_quantizer", None)):
+            if type(quantizer) is SplitActivationQuantizer:
+                quantizer.__class__ = ExportSplitActivationQuantizer
+                quantizer._add_residual_quantizers(quantizer.first.qparams()[0])
     _rewrite_asteroid(model, decoder)
 
 

@@ -21,6 +21,8 @@ class QuantConfig:
             tensor). It applies to decoders that quantize their own input, a product computed outside
             any module such as the mask product of Asteroid's and SpeechBrain's decoders; the output
             of a linear decoder is no more precise than its input. 1: one 8-bit tensor.
+        encoder_out_splits: number of ``act_bits`` tensors the encoder's *output* (the mixture's
+            representation, which the masker reads and the mask multiplies) is carried by; 1: one.
         normalize_input: divide each example by its peak before splitting and multiply the output
             back (only used with ``in_splits > 1``).
         calib_steps: optimizer steps during which activation ranges are calibrated from data
@@ -38,6 +40,7 @@ class QuantConfig:
     in_splits: int = 2
     out_splits: int = 2
     decoder_in_splits: int = 1
+    encoder_out_splits: int = 1
     normalize_input: bool = True
     calib_steps: int = 100
     calib_method: str = "ema"
@@ -51,7 +54,7 @@ class QuantConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or not 2 <= value <= 16:
                 raise ValueError(f"QuantConfig.{name} must be an integer in 2..16, got {value!r}")
-        for name in ("in_splits", "out_splits", "decoder_in_splits"):
+        for name in ("in_splits", "out_splits", "decoder_in_splits", "encoder_out_splits"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 1 <= value <= 4:
                 raise ValueError(f"QuantConfig.{name} must be an integer in 1..4, got {value!r}")
@@ -68,8 +71,9 @@ class QuantConfig:
     @classmethod
     def fqss(cls, **overrides) -> QuantConfig:
         """The FQSS method: W8A8, input split into 2 x 8-bit signals, output from 2 x 8-bit outputs, and
-        (beyond the paper) the decoder's input, the mask product, on 2 x 8-bit tensors."""
-        return cls(**{"in_splits": 2, "out_splits": 2, "decoder_in_splits": 2, **overrides})
+        (beyond the paper) the two operands of the mask product, the encoder's output, and the
+        decoder's input, the product, on 2 x 8-bit tensors."""
+        return cls(**{"in_splits": 2, "out_splits": 2, "decoder_in_splits": 2, "encoder_out_splits": 2, **overrides})
 
     @classmethod
     def vanilla(cls, **overrides) -> QuantConfig:

@@ -17,8 +17,9 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, encoder: str | 
     Every module whose type has a registered wrapper is converted in place (same object, same
     parameter names). ``encoder`` and ``decoder`` name (as in ``named_modules``) the first and
     last weighted layers: the encoder gets the :class:`InputSplitter` (or, with ``in_splits=1``,
-    a learned input quantizer), the decoder the :class:`OutputCombiner` and, if it quantizes its own
-    input and ``decoder_in_splits > 1``, a :class:`SplitActivationQuantizer` for that input.
+    a learned input quantizer) and, with ``encoder_out_splits > 1``, a :class:`SplitActivationQuantizer`
+    for its output; the decoder the :class:`OutputCombiner` and, if it quantizes its own input and
+    ``decoder_in_splits > 1``, a :class:`SplitActivationQuantizer` for that input.
 
     Load pretrained float weights before the first forward pass: weight steps, split kernels
     and activation ranges initialise themselves from the weights and data they first see.
@@ -48,6 +49,11 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, encoder: str | 
                                                  config.weight_bits, signal_scale, config.learn_ranges)
         else:
             layer.input_quantizer = activation_quantizer(config)
+        if config.encoder_out_splits > 1:
+            if encoder == decoder:
+                raise ValueError("prepare: encoder_out_splits > 1 needs an encoder other than the decoder")
+            layer.output_quantizer = SplitActivationQuantizer(layer.output_quantizer, config.act_bits,
+                                                              config.encoder_out_splits)
     if decoder is not None:
         layer = _weighted_layer(model, decoder, "decoder")
         if layer.output_combiner is not None:
