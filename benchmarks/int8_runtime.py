@@ -154,10 +154,10 @@ def si_sdr_improvement(separate, test_set) -> float:
     return float(np.mean(gains))
 
 
-def profile_shares(path: Path, mixture: np.ndarray, runs: int = 10) -> dict[str, float]:
-    """ms per run spent in integer kernels, float compute, Q/DQ and data movement (onnxruntime profiler)."""
+def profile_by_op(path: Path, mixture: np.ndarray, runs: int = 10) -> dict[str, float]:
+    """ms per run spent in each onnxruntime op type (profiler, 1 thread), largest first."""
     import onnxruntime as ort
-    from fqss_plugin.export.runtime import CONVERSION_OPS, DATA_MOVEMENT_OPS, INTEGER_OPS, session_options
+    from fqss_plugin.export.runtime import session_options
     with tempfile.TemporaryDirectory() as tmp:
         options = session_options(1)
         options.enable_profiling = True
@@ -166,13 +166,22 @@ def profile_shares(path: Path, mixture: np.ndarray, runs: int = 10) -> dict[str,
         for _ in range(runs + 2):
             session.run(None, {"mixture": mixture})
         events = json.loads(Path(session.end_profiling()).read_text())
-    shares = {"integer kernels": 0.0, "float compute": 0.0, "Q/DQ": 0.0, "data movement": 0.0}
+    by_op: dict[str, float] = {}
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             op = event["args"]["op_name"]
-            key = "integer kernels" if op in INTEGER_OPS else "Q/DQ" if op in CONVERSION_OPS else \
-                "data movement" if op in DATA_MOVEMENT_OPS else "float compute"
-            shares[key] += event["dur"] / 1e3 / (runs + 2)
+            by_op[op] = by_op.get(op, 0.0) + event["dur"] / 1e3 / (runs + 2)
+    return dict(sorted(by_op.items(), key=lambda item: -item[1]))
+
+
+def profile_shares(path: Path, mixture: np.ndarray, runs: int = 10) -> dict[str, float]:
+    """ms per run spent in integer kernels, float compute, Q/DQ and data movement (onnxruntime profiler)."""
+    from fqss_plugin.export.runtime import CONVERSION_OPS, DATA_MOVEMENT_OPS, INTEGER_OPS
+    shares = {"integer kernels": 0.0, "float compute": 0.0, "Q/DQ": 0.0, "data movement": 0.0}
+    for op, ms in profile_by_op(path, mixture, runs).items():
+        key = "integer kernels" if op in INTEGER_OPS else "Q/DQ" if op in CONVERSION_OPS else \
+            "data movement" if op in DATA_MOVEMENT_OPS else "float compute"
+        shares[key] += ms
     return shares
 
 
@@ -225,6 +234,7 @@ def hub_size(repeats: int, calib_steps: int, no_write: bool) -> int:
             print(threads, latency[threads], flush=True)
         sizes = {k: p.stat().st_size for k, p in paths.items()}
         ops = ort_op_report(paths["int8"])
+        by_op = profile_by_op(paths["int8"], mixture)
         shares = profile_shares(paths["int8"], mixture)
     labels = {"fp32": "onnxruntime fp32", "int8": "onnxruntime int8, fqss export (ours)",
               "ptq": "onnxruntime int8, `quantize_static` PTQ"}
@@ -253,14 +263,16 @@ mixture and interleaved timing as above (median of {repeats} runs after 3 warm-u
 - integer kernels: {', '.join(f'{k} x{v}' for k, v in sorted(ops.integer.items()))}
 - float compute: {', '.join(f'{k} x{v}' for k, v in sorted(ops.float_compute.items()))}.
 - time, int8 (profiler, 1 thread, ms per 4 s mixture): {', '.join(f'{k} {v:.1f}' for k, v in shares.items())}.
+- by op type (same profiler, ms): {', '.join(f'{k} {v:.1f}' for k, v in by_op.items() if v >= 0.5)}.
 
 The size ratio is near its bound here (fp32 / int8 weights alone: {sizes['fp32'] / n_params:.2f}x; the rest is
 the {n_norms} norms' float affine, per-channel steps and int32 biases), against 3.15x on the 327k-parameter embedded
 model where those and the graph itself weigh more. The speed-up is not: the integer kernels take
 {shares['integer kernels']:.0f} ms of the profiled run, but float compute and Q/DQ, almost all of it the {n_norms} gLN islands (on up to 512
 channels here), take {shares['float compute'] + shares['Q/DQ']:.0f} ms. The gLN statistics span channels and time,
-so they are computed per run in float: reaching the 2.5x goal needs a norm that folds into the next
-convolution (batch norm, or a QAT-time fold of gLN's per-run affine into the next conv's requantization).
+so they are computed per run in float; folding the normalisation and affine into the next convolution would
+still leave those statistics (a DequantizeLinear, two ReduceMean and a Mul per norm: see the op times above
+and README, "Int8 deployment"), so 2.5x needs a model whose norm statistics are fixed (batch norm).
 Goals (issue #7): int8 >= 2.5x faster than onnxruntime fp32 at 1 thread and >= 3.8x smaller.
 """
     print(body)
@@ -409,10 +421,10 @@ profiler, 1 thread, ms per 4 s mixture; the fp32 file for comparison):
   The float gLN islands (with their DQ/Q) now cost more than all integer kernels together: they are why
   the speed-up stays under the 2.5x goal (alternatives tried: README, "Int8 deployment").
 
-Why the output SNR of this 24-block model stays near {parity.snr_db:.0f} dB while the 3-block test model reaches
+Why the output SNR of this {len(teacher.masker.TCN)}-block model stays near {parity.snr_db:.0f} dB while the 3-block test model reaches
 48 dB: the local disagreements above (onnxruntime rounds each conv's float bias to int32, and the gLN
 islands sum in another order) touch well under 1% of the codes, but every flip moves the next global
-norm's statistics and, through 24 of them, spreads to a large share of the codes (free-running
+norm's statistics and, through {sum(type(m).__name__ == 'GlobLN' for m in teacher.modules())} of them, spreads to a large share of the codes (free-running
 column). The errors stay at rounding level: SI-SDRi within {abs(quality['int8'] - quality['torch fake-quant']):.3f} dB.
 
 Goals (issue #7): int8 >= 2.5x faster than onnxruntime fp32 at 1 thread and >= 3.8x smaller, with

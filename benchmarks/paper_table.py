@@ -29,7 +29,9 @@ def recipe_pair(parser: argparse.ArgumentParser, text: str, flag: str, kind=str)
     try:
         if not (sep and recipe and value):
             raise ValueError
-        return recipe, kind(value)
+        value = kind(value)
+        # a local teacher by its absolute path: the runs record it, and relative or absolute spellings are one run
+        return recipe, str(Path(value).resolve()) if kind is str and Path(value).exists() else value
     except ValueError:
         parser.error(f"{flag} {text!r}: expected RECIPE={'N (an integer)' if kind is int else 'PATH'}")
 
