@@ -32,7 +32,7 @@ from asteroid.engine.optimizers import make_optimizer
 from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
 from asteroid.metrics import get_metrics
 from asteroid.utils import parse_args_as_dict, prepare_parser_from_dict
-from pytorch_lightning.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
@@ -192,12 +192,15 @@ def make_loaders(conf: dict) -> tuple[DataLoader, DataLoader]:
     return train_loader, val_loader
 
 
-class LastCheckpoint(Callback):
+class LastCheckpoint(Checkpoint):
     """Write ``last.ckpt`` at the end of *every* training epoch, atomically (temporary file, then rename).
 
     Lightning's ``ModelCheckpoint(save_last=True)`` only refreshes ``last.ckpt`` when a top-k
     checkpoint is saved, so a run interrupted after epochs that did not improve would resume from
-    the last improvement and redo them; a half-written file is never left either.
+    the last improvement and redo them; a half-written file is never left either. A ``Checkpoint``
+    subclass, so that Lightning runs it after the ``ModelCheckpoint`` listed before it: ``last.ckpt``
+    then holds the top-k record *with* this epoch's entry (as a plain ``Callback`` it ran first, and a
+    resumed run lost the last epoch from its top-k record).
     """
 
     def __init__(self, path: Path) -> None:
@@ -249,15 +252,25 @@ def train(conf: dict, build_float: Callable[[dict], nn.Module]) -> Path:
         check_resumable(last, system)
     trainer.fit(system, ckpt_path=str(last) if last.is_file() else None)
 
-    best_k = {k: float(v) for k, v in checkpoint.best_k_models.items()}
-    record = exp_dir / "best_k_models.json"
-    if not best_k and record.is_file():       # rerun of a finished run: nothing trained, keep its record
-        best_k = json.loads(record.read_text())
-    with open(record, "w") as handle:
-        json.dump(best_k, handle, indent=0)
-    best = Path(min(best_k, key=best_k.get)) if best_k else last
-    ours = best.is_file() and best.resolve().parent == checkpoint_dir.resolve()   # not a moved run's stale path
-    return write_best_model(conf, system.model, best if ours else last)
+    best_k = top_k_scores(checkpoint_dir)
+    with open(exp_dir / "best_k_models.json", "w") as handle:
+        json.dump({str(path): score for path, score in best_k.items()}, handle, indent=0)
+    return write_best_model(conf, system.model, min(best_k, key=best_k.get) if best_k else last)
+
+
+def top_k_scores(checkpoint_dir: Path) -> dict[Path, float]:
+    """``val_loss`` of every top-k checkpoint file in ``checkpoint_dir``, as recorded in the file itself.
+
+    Read from the files rather than from the callback's state, so that a resumed, a finished and rerun,
+    or a moved run all pick the best of the checkpoints they actually have.
+    """
+    scores = {}
+    for path in sorted(checkpoint_dir.glob("epoch=*.ckpt")):
+        callbacks = torch.load(path, map_location="cpu", weights_only=True).get("callbacks", {})
+        for key, state in callbacks.items():
+            if key.startswith("ModelCheckpoint") and state.get("current_score") is not None:
+                scores[path] = float(state["current_score"])
+    return scores
 
 
 def write_best_model(conf: dict, model: nn.Module, checkpoint: str | Path) -> Path:

@@ -250,3 +250,17 @@ def test_the_shipped_embedded_teachers_load_through_asteroid_and_separate(recipe
                                       - loss(teacher(mix[None]), sources[None])))
     # mean SI-SDRi over the 2 tiny test mixtures (one is hard for both: about 1 dB); untrained models get about 0
     assert len(improvements) == 2 and sum(improvements) / 2 > 5.0, improvements
+
+
+def test_last_checkpoint_holds_the_top_k_record_of_its_own_epoch(float_exp):
+    """``last.ckpt`` is written after the top-k checkpoint of the same epoch, so a resumed or rerun run
+    knows every top-k file; the best model is picked from the scores stored in the files themselves."""
+    from fqss_plugin.asteroid_recipe import top_k_scores
+    checkpoints = float_exp / "checkpoints"
+    state = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["callbacks"]
+    (record,) = [v for k, v in state.items() if k.startswith("ModelCheckpoint")]
+    files = sorted(checkpoints.glob("epoch=*.ckpt"))
+    assert files and sorted(Path(p) for p in record["best_k_models"]) == files
+    scores = top_k_scores(checkpoints)
+    assert sorted(scores) == files and all(score == pytest.approx(float(record["best_k_models"][str(path)]))
+                                           for path, score in scores.items())
