@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         separated = gap["mean"] - gap["ci95"] > 0
         verdicts.append(f"* {r['recipe']}: FQSS - float = {fqss['mean']:+.3f} dB (goal >= {goal:+.2f}: "
                         f"{'met' if met else 'NOT met'}); FQSS better than vanilla with non-overlapping 95% CI: "
-                        f"{'yes' if separated else 'no'}; {r['qat_epochs']} QAT epochs each, "
-                        f"{r['wall_time_s'] / 60:.0f} min.")
+                        f"{'yes' if separated else 'no'}; {r['qat_epochs']} QAT epochs each; this invocation "
+                        f"{r['wall_time_s'] / 60:.0f} min (runs it found finished with the same conf are reused).")
     body = (f"Command: `{command_line()}`\n\nSI-SDRi (dB) on the embedded Libri2Mix test split "
             f"({results[0]['test_mixtures']} mixtures; synthetic voices: not LibriMix numbers). Deltas are paired "
             "per mixture, ± the half-width of the 95% confidence interval.\n\n" + format_table(results) + "\n\n"
