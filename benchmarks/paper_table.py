@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         met = goal is not None and fqss["mean"] >= goal
         separated = gap["mean"] - gap["ci95"] > 0
         verdicts.append(f"* {r['recipe']}: FQSS - float = {fqss['mean']:+.3f} dB (goal >= {goal:+.2f}: "
-                        f"{'met' if met else 'NOT met'}); FQSS better than vanilla with non-overlapping 95% CI: "
+                        f"{'met' if met else 'NOT met'}); FQSS better than vanilla (paired 95% CI of FQSS - vanilla above 0): "
                         f"{'yes' if separated else 'no'}; {r['qat_epochs']} QAT epochs each; this invocation "
                         f"{r['wall_time_s'] / 60:.0f} min (runs it found finished with the same conf are reused).")
     body = (f"Command: `{command_line()}`\n\nSI-SDRi (dB) on the embedded Libri2Mix test split "
