@@ -174,11 +174,11 @@ def profile_by_op(path: Path, mixture: np.ndarray, runs: int = 10) -> dict[str, 
     return dict(sorted(by_op.items(), key=lambda item: -item[1]))
 
 
-def profile_shares(path: Path, mixture: np.ndarray, runs: int = 10) -> dict[str, float]:
-    """ms per run spent in integer kernels, float compute, Q/DQ and data movement (onnxruntime profiler)."""
+def profile_shares(by_op: dict[str, float]) -> dict[str, float]:
+    """A :func:`profile_by_op` profile grouped into integer kernels, float compute, Q/DQ and data movement."""
     from fqss_plugin.export.runtime import CONVERSION_OPS, DATA_MOVEMENT_OPS, INTEGER_OPS
     shares = {"integer kernels": 0.0, "float compute": 0.0, "Q/DQ": 0.0, "data movement": 0.0}
-    for op, ms in profile_by_op(path, mixture, runs).items():
+    for op, ms in by_op.items():
         key = "integer kernels" if op in INTEGER_OPS else "Q/DQ" if op in CONVERSION_OPS else \
             "data movement" if op in DATA_MOVEMENT_OPS else "float compute"
         shares[key] += ms
@@ -235,7 +235,7 @@ def hub_size(repeats: int, calib_steps: int, no_write: bool) -> int:
         sizes = {k: p.stat().st_size for k, p in paths.items()}
         ops = ort_op_report(paths["int8"])
         by_op = profile_by_op(paths["int8"], mixture)
-        shares = profile_shares(paths["int8"], mixture)
+        shares = profile_shares(by_op)
     labels = {"fp32": "onnxruntime fp32", "int8": "onnxruntime int8, fqss export (ours)",
               "ptq": "onnxruntime int8, `quantize_static` PTQ"}
     table = ["| runtime | file size | size vs fp32 | latency 1 thread (ms) | vs ORT fp32 | 2 threads (ms) | vs ORT fp32 |",
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     print(quality, flush=True)
     parity = parity_report(model, paths["int8"], mixture)
     ops = ort_op_report(paths["int8"])
-    shares = {k: profile_shares(paths[k], mixture.numpy()) for k in ("int8", "fp32")}
+    shares = {k: profile_shares(profile_by_op(paths[k], mixture.numpy())) for k in ("int8", "fp32")}
     sizes = {k: p.stat().st_size for k, p in paths.items()}
 
     n_params = sum(p.numel() for p in teacher.parameters())

@@ -130,7 +130,8 @@ def check_audio_files(dataset: LibriMix, sample_rate: int) -> None:
 def quant_config(conf: dict) -> QuantConfig:
     quant = conf["quant"]
     preset = QuantConfig.fqss if quant["mode"] == "fqss" else QuantConfig.vanilla
-    optional = {key: quant[key] for key in ("calib_method", "quantizer_lr", "decoder_in_splits", "encoder_out_splits") if key in quant}
+    optional = {key: quant[key] for key in ("calib_method", "quantizer_lr", "decoder_in_splits", "encoder_out_splits")
+                if key in quant}
     return preset(weight_bits=quant["weight_bits"], act_bits=quant["act_bits"], calib_steps=quant["calib_steps"],
                   **optional)
 
