@@ -7,6 +7,9 @@ VENV       := .venv
 PY         := $(VENV)/bin/python
 APT_TOOLS  := espeak-ng flite ffmpeg sox
 STAMP      := $(VENV)/.installed
+# torch 2.14.1 from PyPI is the CUDA build: the venv takes 6.3 GB (3.2 GB of nvidia
+# libraries that `import torch` loads even on CPU); pip peaked at 6.6 GB without its cache.
+NEED_MB    := 7000
 
 .PHONY: test demo install system-tools clean
 
@@ -23,7 +26,11 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(VENV)/bin/python setup.cfg pyproject.toml constraints.txt
-	$(PY) -m pip install -e ".[dev]" -c constraints.txt
+	@free=$$(df --output=avail -B1M . | tail -1); \
+	if [ "$$free" -lt $(NEED_MB) ]; then \
+	  echo "error: $$free MB free on the disk holding $(CURDIR); installing the pinned packages into $(VENV) needs about $(NEED_MB) MB"; exit 1; \
+	fi
+	PIP_NO_CACHE_DIR=1 $(PY) -m pip install -e ".[dev]" -c constraints.txt
 	touch $(STAMP)
 
 system-tools:
