@@ -116,6 +116,11 @@ class _LayerNormFunction(torch.autograd.Function):
     two full-size float passes fewer than the traced formula (onnxruntime has no fused kernel for a norm over
     channels and time; ``LayerNormalization`` with a per-channel scale measured slower). Same value up to
     float rounding; the parity report measures the effect (codes differing after the norm's quantizer).
+
+    Each mean over several axes is taken one axis at a time, innermost first (:func:`_staged_mean`):
+    onnxruntime's ``ReduceMean`` over ``[1, 2]`` sums all ``C*T`` values into one float32 accumulator,
+    whose relative error grows with the input length (measured: 5.6e-6 for 128 x 4000 values, 1.9e-4 for
+    128 x 32000), while the mean of per-channel means stays near float32 precision (1e-7 for both).
     """
 
     @staticmethod
@@ -129,12 +134,20 @@ class _LayerNormFunction(torch.autograd.Function):
     def symbolic(g, x, gamma, beta, dims, eps):
         rank = x.type().dim() if x.type().dim() is not None else 3
         shape = g.op("Constant", value_t=torch.tensor([1, -1] + [1] * (rank - 2), dtype=torch.int64))
-        mean = g.op("ReduceMean", x, axes_i=list(dims), keepdims_i=1)
+        mean = _staged_mean(g, x, dims)
         d = g.op("Sub", x, mean)
-        var = g.op("ReduceMean", g.op("Mul", d, d), axes_i=list(dims), keepdims_i=1)
+        var = _staged_mean(g, g.op("Mul", d, d), dims)
         std = g.op("Sqrt", g.op("Add", var, g.op("Constant", value_t=torch.tensor(eps, dtype=torch.float32))))
         a = g.op("Div", g.op("Reshape", gamma, shape), std)
         return g.op("Add", g.op("Mul", d, a), g.op("Reshape", beta, shape))
+
+
+def _staged_mean(g, x, dims: tuple[int, ...]):
+    """``ReduceMean`` over ``dims``, one axis at a time from the last: every partial mean averages the same
+    number of values, so the result is the joint mean, with float32 sums of one axis' length only."""
+    for axis in sorted(dims, reverse=True):
+        x = g.op("ReduceMean", x, axes_i=[axis], keepdims_i=1)
+    return x
 
 
 def _export_norm_forward(self, x: torch.Tensor, EPS: float = 1e-8) -> torch.Tensor:
