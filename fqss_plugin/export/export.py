@@ -38,7 +38,7 @@ def load_export_settings(model: onnx.ModelProto) -> dict:
 
 
 def to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | None = None, *,
-            decoder: str = "matmul", opset: int = OPSET, deploy: bool = True, sample_rate: int | None = None,
+            decoder: str = "matmul", staged_norm_means: bool = False, opset: int = OPSET, deploy: bool = True, sample_rate: int | None = None,
             metadata: dict | None = None) -> ExportResult:
     """Export a trained fqss separator to an int8 ONNX QDQ model that onnxruntime runs in integer.
 
@@ -57,10 +57,12 @@ def to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | No
             second of noise at the model's sample rate.
         decoder: ``"matmul"`` (the filterbank decoder as an integer MatMul plus overlap-add) or
             ``"conv"`` (ConvTranspose, which onnxruntime runs in float).
+        staged_norm_means: take each gLN mean one axis at a time (accurate on long inputs, slower in
+            onnxruntime; see :func:`~fqss_plugin.export.view.export_view`).
         deploy: run the deploy passes (int8 initializers, int32 biases, LeakyRelu, requantization).
     """
     sample_rate = sample_rate or _sample_rate(model)
-    view = export_view(model, decoder=decoder)
+    view = export_view(model, decoder=decoder, staged_norm_means=staged_norm_means)
     if example_input is None:
         example_input = 0.1 * torch.randn(1, int(sample_rate or 8000), generator=torch.Generator().manual_seed(0))
     example_input = example_input.detach().float().cpu()
@@ -86,7 +88,7 @@ def to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | No
         notes.append("activation QuantizeLinear nodes could not be matched to quantizer modules: "
                      "no per-quantizer parity report for this file")
     changes = passes.deploy(onnx_model) if deploy else {}
-    settings = {"decoder": decoder}
+    settings = {"decoder": decoder, "staged_norm_means": staged_norm_means}
     info = {"fqss_export": json.dumps(settings), "n_src": str(n_src), "producer": "fqss_plugin.export",
             "input": "mixture float32 [batch, time], raw waveform (any length)",
             "output": "sources float32 [batch, n_src, time]", **{k: str(v) for k, v in (metadata or {}).items()}}
