@@ -205,6 +205,10 @@ def test_cli_export_and_separate(trained, tmp_path, capsys):
     assert cli_main(["export", "--checkpoint", str(package.parent), "--out", str(out), "--report"]) == 0
     printed = capsys.readouterr().out
     assert "QLinearConv" in printed and out.is_file()
+    staged = tmp_path / "staged.onnx"
+    assert cli_main(["export", "--checkpoint", str(package), "--out", str(staged), "--staged-norm-means"]) == 0
+    means = {p: sum(n.op_type == "ReduceMean" for n in onnx.load(str(p)).graph.node) for p in (out, staged)}
+    assert means[staged] == 2 * means[out] > 0                       # gLN means over time, then channels
     mix, _ = two_source_batch(1, 2345, torch.Generator().manual_seed(9))
     sf.write(tmp_path / "mix.wav", mix[0].numpy(), SR, subtype="FLOAT")
     assert cli_main(["separate", "--model", str(out), str(tmp_path / "mix.wav"), "--out-dir", str(tmp_path / "sep")]) == 0

@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the .onnx file to write")
     parser.add_argument("--decoder", choices=("matmul", "conv"), default="matmul",
                         help="filterbank decoder as an integer MatMul + overlap-add (default) or a float ConvTranspose")
+    parser.add_argument("--staged-norm-means", action="store_true",
+                        help="take each gLN mean one axis at a time: accurate on long recordings, slower")
     parser.add_argument("--report", action="store_true", help="print which ops onnxruntime runs in integer and in float")
 
 
@@ -29,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from .runtime import ort_op_report
     try:
         model = _load_quantized(args.checkpoint)
-        result = to_onnx(model, args.out, decoder=args.decoder)
+        result = to_onnx(model, args.out, decoder=args.decoder, staged_norm_means=args.staged_norm_means)
     except (ValueError, FileNotFoundError) as error:       # ExportError is a ValueError
         print(f"fqss export: error: {error}", file=sys.stderr)
         return 2
