@@ -1,6 +1,5 @@
 """Int8 ONNX export (#7): round trip on a small *trained* ConvTasNet, parity, any length, clear errors, CLI."""
 import copy
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -124,6 +123,9 @@ def test_onnxruntime_reproduces_the_trained_fake_quant_model(exported, trained):
     first = {q.name: q for q in parity.quantizers}
     assert first["encoder.input_splitter.grid_quantizers.0"].differ == 0    # in-graph split is exact
     assert first["encoder.input_splitter.grid_quantizers.1"].differ == 0
+    assert first["encoder.input_splitter.grid_quantizers.0"].snr_db == float("inf")
+    masker = [q for q in parity.quantizers if q.name.startswith("masker.") and not q.derived]
+    assert masker[0].snr_db >= 45 and all(q.snr_db >= 25 for q in masker), str(parity)   # free-running value SNR
     # separation quality identical to the torch model to 0.02 dB SI-SDR
     with torch.no_grad():
         reference = trained[1](mix)
@@ -231,3 +233,33 @@ def test_cli_export_and_separate(trained, tmp_path, capsys):
     sf.write(tmp_path / "mix16k.wav", mix[0].numpy(), 16000)
     assert cli_main(["separate", "--model", str(out), str(tmp_path / "mix16k.wav"), "--out-dir", str(tmp_path)]) == 2
     assert "expects 8000 Hz" in capsys.readouterr().err
+
+
+def test_compact_passes_keep_the_graph_and_its_subgraphs(trained, tmp_path):
+    """COMPACT (Constant nodes as initializers, merged duplicates, default Conv attributes dropped, shortest names)
+    on the float model's raw export, whose Asteroid helpers leave an ``If`` with outer-scope references: same
+    outputs to the bit, a valid graph, fewer bytes."""
+    import io
+    import warnings
+    import onnxruntime as ort
+    from fqss_plugin.export import passes
+    from fqss_plugin.export.view import WaveformSeparator
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(WaveformSeparator(copy.deepcopy(trained[0]).eval()), (torch.randn(1, 4000),), buffer,
+                          dynamo=False, opset_version=17, input_names=["mixture"], output_names=["sources"],
+                          dynamic_axes={"mixture": {0: "batch", 1: "time"}, "sources": {0: "batch", 2: "time"}})
+    raw = onnx.load_from_string(buffer.getvalue())
+    assert any(n.op_type == "If" for n in raw.graph.node) and any(n.op_type == "Constant" for n in raw.graph.node)
+    compact = copy.deepcopy(raw)
+    changes = {p.__name__: p(compact) for p in passes.COMPACT}
+    assert all(changes.values()), changes
+    onnx.checker.check_model(compact, full_check=True)
+    assert compact.ByteSize() < 0.9 * raw.ByteSize()
+    assert not any(n.op_type == "Constant" for n in compact.graph.node)
+    assert max(len(t.name) for t in compact.graph.initializer) <= 2
+    mixture = two_source_batch(2, 5000, torch.Generator().manual_seed(3))[0].numpy()
+    outputs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"mixture": mixture})[0] for m in (raw, compact)]
+    np.testing.assert_array_equal(outputs[0], outputs[1])

@@ -17,8 +17,10 @@ what onnxruntime does itself:
 * :func:`requantize_before_integer_ops` -- ``DQ -> Reshape/Transpose/... -> op`` gets a copy of the
   producer's Q/DQ right in front of the op (an identity: the values are on that grid);
 * :func:`drop_zero_points` -- all-zero zero points of weight/bias DQs (the default) are not stored;
-* :func:`remove_identities`, :func:`remove_dead`, :func:`shorten_names` -- Identity nodes, unused nodes and
-  initializers, and the exporter's long scope names (they weigh more than a small model's weights).
+* :func:`remove_identities`, :func:`remove_dead` -- Identity nodes, unused nodes and initializers;
+* :data:`COMPACT` -- the same graph in fewer bytes: Constant nodes as initializers, duplicate initializers
+  merged, default Conv attributes dropped, shortest tensor names (the exporter's scope names weigh more than
+  a small model's weights).
 """
 from __future__ import annotations
 
@@ -344,34 +346,121 @@ def _subgraph_inputs(g: onnx.GraphProto) -> set[str]:
     return names
 
 
-def shorten_names(model: onnx.ModelProto, keep_prefix: str = "fqss:") -> int:
-    """Short tensor names (``t<k>``) and node names (``n<k>``, except tagged ones): the exporter's scope
-    names take more bytes than the int8 weights of a small model. Graph inputs/outputs keep theirs."""
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """``Constant`` nodes of the main graph become initializers (the same tensor, fewer bytes)."""
+    g, moved = model.graph, 0
+    for node in list(g.node):
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            g.initializer.append(tensor)
+            g.node.remove(node)
+            moved += 1
+    return moved
+
+
+def dedupe_initializers(model: onnx.ModelProto) -> int:
+    """Initializers with the same type, shape and bytes become one (e.g. a step shared by a Q/DQ pair)."""
     g = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
-        return 0              # subgraphs (If/Loop) may refer to outer names: leave them alone
+    keep = {v.name for v in g.input} | {v.name for v in g.output}
+    first: dict[tuple, str] = {}
+    alias: dict[str, str] = {}
+    for tensor in list(g.initializer):
+        if tensor.name in keep:
+            continue
+        key = (tensor.data_type, tuple(tensor.dims), tensor.raw_data or numpy_helper.to_array(tensor).tobytes())
+        if key in first:
+            alias[tensor.name] = first[key]
+            g.initializer.remove(tensor)
+        else:
+            first[key] = tensor.name
+    for node in _all_nodes(g):
+        node.input[:] = [alias.get(i, i) for i in node.input]
+    return len(alias)
+
+
+CONV_DEFAULTS = {"dilations": lambda a: all(v == 1 for v in a.ints), "strides": lambda a: all(v == 1 for v in a.ints),
+                 "pads": lambda a: all(v == 0 for v in a.ints), "group": lambda a: a.i == 1}
+"""Conv attributes whose value is the ONNX default (the exporter writes them all)."""
+
+
+def drop_default_attributes(model: onnx.ModelProto) -> int:
+    """Remove Conv/ConvTranspose attributes that state the ONNX default."""
+    dropped = 0
+    for node in _all_nodes(model.graph):
+        if node.op_type in ("Conv", "ConvTranspose"):
+            keep = [a for a in node.attribute if not (a.name in CONV_DEFAULTS and CONV_DEFAULTS[a.name](a))]
+            dropped += len(node.attribute) - len(keep)
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    return dropped
+
+
+def _all_nodes(g: onnx.GraphProto):
+    """The nodes of ``g`` and of its subgraphs (If/Loop bodies), depth first."""
+    for node in g.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from _all_nodes(sub)
+
+
+def _all_graphs(g: onnx.GraphProto):
+    yield g
+    for node in g.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from _all_graphs(sub)
+
+
+NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def _short_name(k: int) -> str:
+    """``k``-th name of ``a, b, ..., Z, ba, ...``: a letter, then letters or digits."""
+    name, k = NAME_CHARS[k % 52], k // 52
+    while k:
+        name, k = name + NAME_CHARS[k % 62], k // 62
+    return name
+
+
+def shorten_names(model: onnx.ModelProto, keep_prefix: str = "fqss:") -> int:
+    """Shortest tensor names (``a``, ``b``, ... ``ba``...), no node names (but tagged ones) and no doc strings,
+    in the graph and its subgraphs: the exporter's scope names take more bytes than the int8 weights of a
+    small model. The model's inputs and outputs keep their names."""
+    g = model.graph
     keep = {v.name for v in g.input} | {v.name for v in g.output}
     mapping: dict[str, str] = {}
-    for k, name in enumerate([t.name for t in g.initializer] + [o for n in g.node for o in n.output]):
-        if name and name not in keep and name not in mapping:
-            mapping[name] = f"t{len(mapping)}"
-    for t in g.initializer:
-        t.name = mapping.get(t.name, t.name)
-    for k, node in enumerate(g.node):
-        node.input[:] = [mapping.get(i, i) for i in node.input]
-        node.output[:] = [mapping.get(o, o) for o in node.output]
-        node.doc_string = ""
-        if not node.name.startswith(keep_prefix):
-            node.name = f"n{k}"
-    for value in list(g.value_info):
-        if value.name in mapping:
-            value.name = mapping[value.name]
+    for graph in _all_graphs(g):
+        defined = [t.name for t in graph.initializer] + [o for n in graph.node for o in n.output]
+        if graph is not g:
+            defined += [v.name for v in graph.input]      # a Loop body's own inputs
+        for name in defined:
+            if name and name not in keep and name not in mapping:
+                mapping[name] = _short_name(len(mapping))
+    for graph in _all_graphs(g):
+        graph.ClearField("doc_string")
+        for t in graph.initializer:
+            t.name = mapping.get(t.name, t.name)
+        for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+            value.name = mapping.get(value.name, value.name)
+        for node in graph.node:
+            node.input[:] = [mapping.get(i, i) for i in node.input]
+            node.output[:] = [mapping.get(o, o) for o in node.output]
+            node.ClearField("doc_string")
+            if not node.name.startswith(keep_prefix):
+                node.ClearField("name")
     return len(mapping)
+
+
+COMPACT = (constants_to_initializers, dedupe_initializers, drop_default_attributes, shorten_names)
+"""The passes that only make the file smaller (same graph): also applied to the fp32 baseline in benchmarks."""
 
 
 PASSES = (remove_identities, fold_weight_quantizers, fold_constant_reshapes, quantize_biases, scalar_qparams,
           prelu_to_leakyrelu,
-          requantize_before_integer_ops, drop_zero_points, remove_dead, shorten_names)
+          requantize_before_integer_ops, drop_zero_points, remove_dead) + COMPACT
 
 
 def deploy(model: onnx.ModelProto) -> dict[str, int]:

@@ -127,6 +127,7 @@ class QuantizerParity:
     local_differ: float     # same inputs (torch fed with onnxruntime's upstream codes): fraction that differ
     local_beyond_1lsb: float
     local_max_lsb: int
+    snr_db: float = float("inf")  # free-running: onnxruntime's values vs torch's (dequantized codes)
     derived: bool = False   # a combiner residual: it encodes the previous output's rounding error, so a
                             # 1-LSB flip upstream moves it by 2^b - 1 codes (free-running figures meaningless)
 
@@ -154,9 +155,9 @@ class ParityReport:
         lines = [f"output: {self.snr_db:.1f} dB SNR vs torch fake-quant, max abs diff {self.max_abs:.3g}",
                  "integer codes that differ, free-running (torch and onnxruntime each on their own) and local "
                  "(torch fed with onnxruntime's upstream codes):",
-                 f"{'quantizer':52s} {'values':>8s} {'!=':>7s} {'>1 LSB':>7s} {'max':>4s} | {'local !=':>8s} "
-                 f"{'>1 LSB':>7s} {'max':>4s}"]
-        lines += [f"{q.name:52s} {q.numel:8d} {q.differ:7.2%} {q.beyond_1lsb:7.2%} {q.max_lsb:4d} | "
+                 f"{'quantizer':52s} {'values':>8s} {'SNR dB':>6s} {'!=':>7s} {'>1 LSB':>7s} {'max':>4s} | "
+                 f"{'local !=':>8s} {'>1 LSB':>7s} {'max':>4s}"]
+        lines += [f"{q.name:52s} {q.numel:8d} {q.snr_db:6.1f} {q.differ:7.2%} {q.beyond_1lsb:7.2%} {q.max_lsb:4d} | "
                   f"{q.local_differ:8.3%} {q.local_beyond_1lsb:7.3%} {q.local_max_lsb:4d}"
                   + ("  (combiner residual)" if q.derived else "") for q in self.quantizers]
         return "\n".join(lines)
@@ -217,7 +218,10 @@ def parity_report(model: torch.nn.Module, path: str | Path, mixture: torch.Tenso
             torch_codes = torch.round(call.output / call.scale).to(torch.int64) + call.zero_point
             diff = (torch_codes - codes.reshape(torch_codes.shape)).abs()
             stats += [float((diff > 0).float().mean()), float((diff > 1).float().mean()), int(diff.max())]
+        free = free_by_name[name]
+        ort_values = (codes.reshape(free.output.shape).double() - free.zero_point) * free.scale
         rows.append(QuantizerParity(name.removeprefix("model."), codes.numel(), *stats,
+                                    snr_db=snr_db(ort_values.numpy(), free.output.double().numpy()),
                                     derived="residual_quantizers" in name))
     ref = reference.numpy()
     return ParityReport(snr_db(estimate, ref), float(np.abs(estimate - ref).max()), rows)
