@@ -37,12 +37,8 @@ def fold_norms_into_convs(model: onnx.ModelProto, stats_stride: int = 1) -> int:
     from fqss_plugin.export import passes
     g = model.graph
     graph = passes.Graph(model)
-
-    def const(array: np.ndarray, name: str) -> str:
-        return graph.add_init(array, name)
-
-    eps = const(np.array(1e-8, np.float32), "fold_eps")
-    slice_args = [const(np.array(v, np.int64), f"fold_slice{k}") for k, v in
+    eps = graph.add_init(np.array(1e-8, np.float32), "fold_eps")
+    slice_args = [graph.add_init(np.array(v, np.int64), f"fold_slice{k}") for k, v in
                   enumerate(([0], [2 ** 62], [2], [stats_stride]))]
     added, replaced, folded = [], set(), 0
     for mean_node in [n for n in g.node if n.op_type == "ReduceMean"]:
@@ -82,7 +78,7 @@ def fold_norms_into_convs(model: onnx.ModelProto, stats_stride: int = 1) -> int:
             weight_dq = graph.producer[conv.input[1]]
             weight = graph.const(weight_dq.input[0])
             inputs = [codes, f"fold{k}_xs", f"fold{k}_zp", weight_dq.input[0], weight_dq.input[1],
-                      const(np.zeros(weight.shape[0], np.int8), f"fold{k}_{j}_wz"), out_q.input[1], out_q.input[2]]
+                      graph.add_init(np.zeros(weight.shape[0], np.int8), f"fold{k}_{j}_wz"), out_q.input[1], out_q.input[2]]
             if len(conv.input) > 2:                              # int32 bias on the per-run step s_x * s_w
                 bias = graph.producer[conv.input[2]].output[0]
                 added += [helper.make_node("Mul", [f"fold{k}_xs", weight_dq.input[1]], [f"fold{k}_{j}_bs"]),

@@ -295,6 +295,8 @@ def hub_size(repeats: int, calib_steps: int, no_write: bool, machine: str) -> in
     n_params = sum(p.numel() for p in teacher.parameters())
     n_norms = sum(type(m).__name__ == "GlobLN" for m in teacher.modules())
     affine_bytes = 4 * sum(p.numel() for n, p in teacher.named_parameters() if n.endswith((".gamma", ".beta")))
+    tensors = sum(exported.tensor_bytes.values())
+    tensors_8bit_affines = tensors - affine_bytes * 3 // 4       # the norms' gains and shifts as int8
     body = f"""Command: `{command_line()}`
 
 The architecture users deploy: Asteroid's LibriMix ConvTasNet, as in `JorisCos/ConvTasNet_Libri2Mix_sepclean_8k`
@@ -317,10 +319,10 @@ clean-up (the same compaction passes: `passes.COMPACT`), PTQ settings, 4 s mixtu
 Where the int8 file's bytes go: {exported.tensor_bytes.get('int8', 0):,} B int8 weights, {exported.tensor_bytes.get('float32', 0):,} B
 float32 (of which {affine_bytes:,} B the {n_norms} norms' gains and shifts, which the gLN islands apply in float, and the
 rest the per-channel weight steps QLinearConv needs), {exported.tensor_bytes.get('int32', 0):,} B int32 biases and
-{sizes['int8'] - sum(exported.tensor_bytes.values()):,} B graph. With no graph at all the ratio would be
-{sizes['fp32'] / sum(exported.tensor_bytes.values()):.2f}x, and {sizes['fp32'] / (sum(exported.tensor_bytes.values()) - affine_bytes * 3 // 4):.2f}x with
+{sizes['int8'] - tensors:,} B graph. With no graph at all the ratio would be
+{sizes['fp32'] / tensors:.2f}x, and {sizes['fp32'] / tensors_8bit_affines:.2f}x with
 8-bit norm affines too: 3.8x would need both 8-bit norm affines (a change of the quantized model) and a graph
-of under {(sizes['fp32'] / 3.8 - (sum(exported.tensor_bytes.values()) - affine_bytes * 3 // 4)) / 1000:.0f} KB. The speed-up is not: the integer kernels take
+of under {(sizes['fp32'] / 3.8 - tensors_8bit_affines) / 1000:.0f} KB. The speed-up is not: the integer kernels take
 {shares['integer kernels']:.0f} ms of the profiled run, but float compute and Q/DQ, almost all of it the {n_norms} gLN islands (on up to 512
 channels here), take {shares['float compute'] + shares['Q/DQ']:.0f} ms. The gLN statistics span channels and time,
 so they are computed per run in float; folding the normalisation and affine into the next convolution would

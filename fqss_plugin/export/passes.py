@@ -338,12 +338,8 @@ def remove_dead(model: onnx.ModelProto) -> int:
 
 
 def _subgraph_inputs(g: onnx.GraphProto) -> set[str]:
-    names = set()
-    for node in g.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                names |= {i for n in attr.g.node for i in n.input}
-    return names
+    """Names the subgraphs of ``g`` read (outer-scope values among them)."""
+    return {i for sub in _all_graphs(g) if sub is not g for n in sub.node for i in n.input}
 
 
 def constants_to_initializers(model: onnx.ModelProto) -> int:
@@ -397,21 +393,18 @@ def drop_default_attributes(model: onnx.ModelProto) -> int:
     return dropped
 
 
-def _all_nodes(g: onnx.GraphProto):
-    """The nodes of ``g`` and of its subgraphs (If/Loop bodies), depth first."""
-    for node in g.node:
-        yield node
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                yield from _all_nodes(sub)
-
-
 def _all_graphs(g: onnx.GraphProto):
+    """``g`` and its subgraphs (If branches, Loop bodies), nested ones included."""
     yield g
     for node in g.node:
         for attr in node.attribute:
             for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
                 yield from _all_graphs(sub)
+
+
+def _all_nodes(g: onnx.GraphProto):
+    """The nodes of ``g`` and of its subgraphs."""
+    return (node for graph in _all_graphs(g) for node in graph.node)
 
 
 NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
