@@ -41,6 +41,37 @@ def tiny_convtasnet():
                       kernel_size=16, stride=8, sample_rate=SR)
 
 
+def tiny_dptnet(chunk_size: int = 20, hop_size: int = 10):
+    from asteroid.models import DPTNet
+    return DPTNet(n_src=2, n_filters=16, kernel_size=16, stride=8, n_heads=2, ff_hid=16, chunk_size=chunk_size,
+                  hop_size=hop_size, n_repeats=1, sample_rate=SR)
+
+
+def qat_from(teacher, float_steps: int, qat_steps: int, gen: torch.Generator):
+    """Train ``teacher`` in float for ``float_steps``, then FQSS QAT (5 calibrating) for ``qat_steps``."""
+    loss = FQSSLoss(lambda_kd=0.0)
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=3e-3)
+    for _ in range(float_steps):
+        mix, sources = two_source_batch(4, 4000, gen)
+        optimizer.zero_grad()
+        loss(teacher(mix), sources).backward()
+        optimizer.step()
+    teacher.eval()
+    model = prepare_model(copy.deepcopy(teacher), fq.QuantConfig.fqss(calib_steps=5))
+    loss = FQSSLoss(lambda_kd=0.1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    for _ in range(qat_steps):
+        mix, sources = two_source_batch(4, 4000, gen)
+        with torch.no_grad():
+            teacher_estimate = teacher(mix)
+        optimizer.zero_grad()
+        loss(model(mix), sources, teacher_estimate).backward()
+        optimizer.step()
+        fq.calibration_step(model)
+    return teacher, model.eval()
+
+
 @pytest.fixture(scope="module")
 def trained():
     """(float model, FQSS-trained quantized model): 150 float steps, then 40 QAT steps (5 calibrating).
@@ -56,29 +87,7 @@ def trained():
 
 def _train():
     torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    teacher = tiny_convtasnet()
-    loss = FQSSLoss(lambda_kd=0.0)
-    optimizer = torch.optim.Adam(teacher.parameters(), lr=3e-3)
-    for _ in range(150):
-        mix, sources = two_source_batch(4, 4000, gen)
-        optimizer.zero_grad()
-        loss(teacher(mix), sources).backward()
-        optimizer.step()
-    teacher.eval()
-    model = prepare_model(copy.deepcopy(teacher), fq.QuantConfig.fqss(calib_steps=5))
-    loss = FQSSLoss(lambda_kd=0.1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    for _ in range(40):
-        mix, sources = two_source_batch(4, 4000, gen)
-        with torch.no_grad():
-            teacher_estimate = teacher(mix)
-        optimizer.zero_grad()
-        loss(model(mix), sources, teacher_estimate).backward()
-        optimizer.step()
-        fq.calibration_step(model)
-    return teacher, model.eval()
+    return qat_from(tiny_convtasnet(), 150, 40, torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope="module")
@@ -186,14 +195,14 @@ def test_clear_errors(trained, tmp_path):
         to_onnx(fresh, tmp_path / "uncalibrated.onnx")
     with pytest.raises(ExportError, match="decoder must be"):
         to_onnx(trained[1], tmp_path / "x.onnx", decoder="fft")
-    lstm = fq.prepare(torch.nn.Sequential(torch.nn.LSTM(4, 4)), fq.QuantConfig.vanilla())
-    with pytest.raises(ExportError, match="QLSTM .* not supported"):
-        to_onnx(lstm, tmp_path / "lstm.onnx", torch.zeros(1, 4))
-    from asteroid.models import DPTNet                  # BiLSTM + attention: a clear, documented refusal
-    dptnet = prepare_model(DPTNet(n_src=2, n_filters=16, kernel_size=16, stride=8, n_heads=2, ff_hid=16, chunk_size=20,
-                                  hop_size=10, n_repeats=1, sample_rate=SR), fq.QuantConfig.fqss())
-    with pytest.raises(ExportError, match="not supported by the ONNX int8 export"):
-        to_onnx(dptnet, tmp_path / "dptnet.onnx")
+    with pytest.raises(ExportError, match="4-bit quantizer.*8-bit tensors only"):
+        to_onnx(prepare_model(tiny_convtasnet(), fq.QuantConfig.fqss(act_bits=4)), tmp_path / "4bit.onnx")
+    from asteroid.models import DPTNet                  # overlap-add as pads and sums needs chunk = k * hop
+    dptnet = prepare_model(tiny_dptnet(chunk_size=20, hop_size=7), fq.QuantConfig.fqss(calib_steps=1))
+    with torch.no_grad():
+        dptnet.train()(torch.randn(1, 2000))
+    with pytest.raises(ExportError, match="multiple of the hop size"):
+        to_onnx(dptnet.eval(), tmp_path / "dptnet.onnx")
     with pytest.raises(FileNotFoundError):
         OrtSeparator(tmp_path / "missing.onnx")
     (tmp_path / "garbage.onnx").write_bytes(b"not onnx")
@@ -263,3 +272,47 @@ def test_compact_passes_keep_the_graph_and_its_subgraphs(trained, tmp_path):
     outputs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"mixture": mixture})[0] for m in (raw, compact)]
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+@pytest.fixture(scope="module")
+def trained_dptnet():
+    """(float, FQSS-trained) tiny DPTNet: 60 float steps, then 15 QAT steps (one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        return qat_from(tiny_dptnet(), 60, 15, torch.Generator().manual_seed(1))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_dptnet_exports_its_lstms_as_loops_on_any_length(trained_dptnet, tmp_path):
+    """DPTNet: attention, the intra- and inter-chunk BiLSTMs (each direction an ONNX ``Loop`` over time) and the
+    dual-path overlap-add; the view is bit-identical to the torch model, onnxruntime reproduces it on lengths
+    other than the traced one, and the loop body agrees with torch's time step code for code."""
+    from fqss_plugin.export import export_view
+    model = trained_dptnet[1]
+    result = to_onnx(model, tmp_path / "dptnet.onnx")
+    graph = onnx.load(str(result.path))
+    assert sum(n.op_type == "Loop" for n in graph.graph.node) == 4       # 2 BiLSTMs x 2 directions
+    assert {o.domain for o in graph.opset_import} <= {"", "ai.onnx"}      # no placeholder left
+    mix, sources = two_source_batch(2, 6000, torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        reference = fq.freeze(copy.deepcopy(model))(mix)
+        assert torch.equal(export_view(model)(mix), reference)
+    parity = parity_report(model, result.path, mix)
+    assert parity.snr_db >= 38, str(parity)
+    assert parity.worst_local_beyond_1lsb == 0, str(parity)
+    lstm_outputs = [q for q in parity.quantizers if ".recurrent.output_quantizers." in q.name]
+    assert len(lstm_outputs) == 2 and max(q.local_differ for q in lstm_outputs) <= 0.002, str(parity)
+    estimate = torch.from_numpy(OrtSeparator(result.path).separate(mix.numpy()))
+    loss = FQSSLoss(lambda_kd=0.0)
+    assert abs(float(loss(estimate, sources) - loss(reference, sources))) <= 0.02
+    separator = OrtSeparator(result.path)
+    for length in (1001, 2999):                      # other chunk counts than the traced second of audio
+        wav = 0.2 * torch.randn(length, generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            expected = model(wav)
+        out = separator.separate(wav)
+        assert out.shape == expected.shape == (2, length)
+        assert 10 * np.log10(expected.pow(2).sum() / (expected - out).pow(2).sum()) > 30

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import passes
+from .recurrent import expand_lstm_recurrences
 from .view import ExportError, WaveformSeparator, export_view, quantizer_calls
 
 TAG = "fqss:"
@@ -82,6 +83,7 @@ def to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | No
             raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''}") from error
     onnx_model = onnx.load_from_string(buffer.getvalue())
+    expand_lstm_recurrences(onnx_model)
     notes = []
     tagged = _tag_activation_quantizers(onnx_model, calls)
     if tagged == 0:

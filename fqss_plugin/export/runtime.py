@@ -12,6 +12,8 @@ import onnx
 import torch
 from onnx import helper
 
+from .passes import _all_nodes
+
 INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
                "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearConcat", "QLinearSoftmax", "QLinearWhere",
                "QLinearReduceMean", "QGemm", "QAttention", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
@@ -61,7 +63,7 @@ def ort_op_report(path: str | Path) -> OpReport:
         ort.InferenceSession(str(path), session_options(1, optimized), providers=["CPUExecutionProvider"])
         graph = onnx.load(optimized).graph
     report = OpReport()
-    for node in graph.node:
+    for node in _all_nodes(graph):                        # Loop bodies (the LSTMs' time steps) included
         op = node.op_type
         bucket = report.integer if op in INTEGER_OPS else report.conversion if op in CONVERSION_OPS else \
             report.data_movement if op in DATA_MOVEMENT_OPS else report.float_compute

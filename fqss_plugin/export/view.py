@@ -13,6 +13,10 @@ the same values with ops the legacy TorchScript exporter writes plainly:
   Asteroid's shape-dispatching ``multishape_*`` helpers; the decoder can also be written as an
   integer MatMul plus overlap-add (``decoder="matmul"``), for which onnxruntime has an int8 kernel,
   while it has none for ConvTranspose;
+* every :class:`~fqss_plugin.quant.QLSTM` runs its time loop through one placeholder per layer and
+  direction, which the export turns into an ONNX ``Loop`` (:mod:`fqss_plugin.export.recurrent`);
+* Asteroid's dual-path ``fold`` (DPTNet, DPRNN: ``F.fold``, an opset-18 ``Col2Im``) is written as pads
+  and sums in ``F.fold``'s own summation order (:func:`_overlap_add_fold`);
 * Asteroid's ``GlobLN``/``ChanLN`` compute the same values in torch, without the scripted helper
   (which exports as ``If`` nodes), and export as a shorter op chain (:class:`_LayerNormFunction`);
 * the :class:`~fqss_plugin.quant.signal_io.OutputCombiner` and the
@@ -36,6 +40,7 @@ from torch import nn
 from ..quant.prepare import freeze
 from ..quant.quantizers import (ActivationQuantizer, FrozenActivationQuantizer, FrozenWeightQuantizer,
                                 WeightQuantizer)
+from .recurrent import export_lstms
 from ..quant.signal_io import InputSplitter, OutputCombiner, SplitActivationQuantizer, grid_step, split_signal
 
 
@@ -195,6 +200,22 @@ def _matmul_decoder_op(self, x, weight, bias):
     return self.filterbank.post_synthesis(wav.reshape(lead + (-1,)) if len(lead) > 1 else wav)
 
 
+def _overlap_add_fold(self, x: torch.Tensor, output_size: int | None = None) -> torch.Tensor:
+    """Asteroid's ``DualPathProcessing.fold`` (``F.fold``, which exports as opset-18 ``Col2Im``) as pads and sums.
+
+    Chunk ``s`` covers padded frames ``[s·hop, s·hop + K)``; with ``K = P·hop``, its part ``j`` lands on
+    block ``s + j`` of ``hop`` frames. Summing the parts in the order ``j = 0..P-1`` from zero is the
+    order ``F.fold`` accumulates them in, so the values are bit-identical.
+    """
+    output_size = output_size if output_size is not None else self.n_orig_frames
+    batch, chan, chunk_size, n_chunks = x.shape
+    hop, parts = self.hop_size, self.chunk_size // self.hop_size
+    x = x.reshape(batch, chan, parts, hop, n_chunks)
+    blocks = sum(F.pad(x[:, :, j], (j, parts - 1 - j)) for j in range(parts))      # [B, C, hop, chunks + P - 1]
+    frames = blocks.transpose(2, 3).reshape(batch, chan, -1)[..., chunk_size:chunk_size + output_size]
+    return frames / (float(self.chunk_size) / self.hop_size)
+
+
 class WaveformSeparator(nn.Module):
     """``[batch, time]`` mixture -> ``[batch, n_src, time]`` estimates (the exported signature)."""
 
@@ -242,15 +263,11 @@ def export_view(model: nn.Module, decoder: str = "conv", staged_norm_means: bool
 
 
 def _check_supported(model: nn.Module) -> None:
-    from ..quant.attention import QMultiheadAttention
-    from ..quant.recurrent import QLSTM
     for name, module in model.named_modules():
-        if isinstance(module, (QLSTM, QMultiheadAttention)):
-            kind = "QLSTM (its Python time loop would unroll into a graph fixed to the example's length)" \
-                if isinstance(module, QLSTM) else "QMultiheadAttention"
-            raise ExportError(f"{name}: {kind} is not supported by the ONNX int8 export yet (onnxruntime's CPU "
-                              "provider has no static int8 LSTM kernel either). Export supports conv separators: "
-                              "ConvTasNet and other Asteroid encoder-masker-decoder models without RNNs/attention")
+        bits = getattr(module, "bits", 8)
+        if isinstance(module, (ActivationQuantizer, WeightQuantizer, FrozenActivationQuantizer,
+                               FrozenWeightQuantizer)) and bits != 8:
+            raise ExportError(f"{name}: {bits}-bit quantizer; the ONNX QDQ export writes 8-bit tensors only")
 
 
 def _rewrite(model: nn.Module, decoder: str, staged_norm_means: bool) -> None:
@@ -266,15 +283,23 @@ def _rewrite(model: nn.Module, decoder: str, staged_norm_means: bool) -> None:
             if type(quantizer) is SplitActivationQuantizer:
                 quantizer.__class__ = ExportSplitActivationQuantizer
                 quantizer._add_residual_quantizers(quantizer.first.qparams()[0])
+    export_lstms(model)
     _rewrite_asteroid(model, decoder, staged_norm_means)
 
 
 def _rewrite_asteroid(model: nn.Module, decoder: str, staged_norm_means: bool) -> None:
     try:
+        from asteroid.dsp.overlap_add import DualPathProcessing
+
         from ..asteroid import QChanLN, QFilterbankDecoder, QFilterbankEncoder, QGlobLN
     except ImportError:          # Asteroid is not installed: nothing of it to rewrite
         return
     for module in model.modules():
+        if isinstance(module, DualPathProcessing):
+            if module.chunk_size % module.hop_size:
+                raise ExportError(f"DPTNet/DPRNN export needs a chunk size that is a multiple of the hop size "
+                                  f"(chunk {module.chunk_size}, hop {module.hop_size})")
+            _swap_class(module, DualPathProcessing, {"fold": _overlap_add_fold})
         if isinstance(module, QGlobLN):
             _swap_class(module, QGlobLN, {"forward": _export_norm_forward, "_fqss_staged_means": staged_norm_means,
                                           "_fqss_norm_dims": lambda self, x: tuple(range(1, x.dim()))})

@@ -145,31 +145,43 @@ class QLSTM(QuantizedModule, nn.LSTM):
     def _run_direction(self, x: torch.Tensor, layer: int, reverse: bool, h: torch.Tensor, c: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One layer and direction over ``x`` ``[T, B, in]``; returns (``[T, B, H]`` outputs, h_T, c_T)."""
-        suffix = f"_l{layer}" + ("_reverse" if reverse else "")
         q = self.quantizers[f"l{layer}" + ("_reverse" if reverse else "")]
-        hidden = self.hidden_size
-        # Quantize weights per original gate row, then reorder the rows [i, f, g, o] -> [i, f, o, g]
-        # so that one sigmoid and one tanh cover the gates (a gather of rows: values unchanged).
-        order = _gate_order(hidden, x.device)
+        w_ih, w_hh, b_ih, b_hh = self._gate_ordered_parameters(layer, reverse, q)
+        x_proj = q.input_proj_quantizer(F.linear(x, w_ih, b_ih))               # [T, B, 4H], all steps at once
+        return lstm_recurrence(x_proj, h, c, w_hh, b_hh, q, reverse)
+
+    def _gate_ordered_parameters(self, layer: int, reverse: bool, q: LSTMDirectionQuantizers):
+        """Quantized ``W_ih, W_hh`` (per original gate row) and the biases, rows reordered [i, f, g, o] ->
+        [i, f, o, g] so that one sigmoid and one tanh cover the gates (a gather of rows: values unchanged)."""
+        suffix = f"_l{layer}" + ("_reverse" if reverse else "")
+        order = _gate_order(self.hidden_size, getattr(self, "weight_ih" + suffix).device)
         w_ih = q.weight_ih_quantizer(getattr(self, "weight_ih" + suffix)).index_select(0, order)
         w_hh = q.weight_hh_quantizer(getattr(self, "weight_hh" + suffix)).index_select(0, order)
         b_ih = getattr(self, "bias_ih" + suffix).index_select(0, order) if self.bias else None
         b_hh = getattr(self, "bias_hh" + suffix).index_select(0, order) if self.bias else None
+        return w_ih, w_hh, b_ih, b_hh
 
-        # [T, B, 4H], all steps at once; unbind (not x_proj[t]) so that backward stacks the step
-        # gradients once instead of scattering each into a zero tensor of the full size
-        x_proj = q.input_proj_quantizer(F.linear(x, w_ih, b_ih)).unbind(0)
-        steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
-        outputs: list[torch.Tensor] = [None] * x.shape[0]               # type: ignore[list-item]
-        for t in steps:
-            r = q.recurrent_proj_quantizer(F.linear(h, w_hh, b_hh))
-            sigmoid_part, tanh_part = q.gates_quantizer(x_proj[t] + r).split([3 * hidden, hidden], dim=1)
-            i, f, o = q.sigmoid_quantizer(torch.sigmoid(sigmoid_part)).chunk(3, dim=1)
-            g = q.tanh_quantizer(torch.tanh(tanh_part))
-            c = q.cell_quantizer(q.forget_cell_quantizer(f * c) + q.input_cell_quantizer(i * g))
-            h = q.hidden_quantizer(o * q.cell_tanh_quantizer(torch.tanh(c)))
-            outputs[t] = h
-        return torch.stack(outputs), h, c
+
+def lstm_recurrence(x_proj: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w_hh: torch.Tensor,
+                    b_hh: torch.Tensor | None, q: LSTMDirectionQuantizers, reverse: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The time loop of one direction (module docstring, from ``R_t`` on) on the quantized input projection
+    ``x_proj`` ``[T, B, 4H]`` (gate rows in the order [i, f, o, g]); returns (``[T, B, H]``, h_T, c_T)."""
+    hidden = h.shape[-1]
+    # unbind (not x_proj[t]) so that backward stacks the step gradients once instead of scattering each
+    # into a zero tensor of the full size
+    x_steps = x_proj.unbind(0)
+    steps = range(len(x_steps) - 1, -1, -1) if reverse else range(len(x_steps))
+    outputs: list[torch.Tensor] = [None] * len(x_steps)                  # type: ignore[list-item]
+    for t in steps:
+        r = q.recurrent_proj_quantizer(F.linear(h, w_hh, b_hh))
+        sigmoid_part, tanh_part = q.gates_quantizer(x_steps[t] + r).split([3 * hidden, hidden], dim=1)
+        i, f, o = q.sigmoid_quantizer(torch.sigmoid(sigmoid_part)).chunk(3, dim=1)
+        g = q.tanh_quantizer(torch.tanh(tanh_part))
+        c = q.cell_quantizer(q.forget_cell_quantizer(f * c) + q.input_cell_quantizer(i * g))
+        h = q.hidden_quantizer(o * q.cell_tanh_quantizer(torch.tanh(c)))
+        outputs[t] = h
+    return torch.stack(outputs), h, c
 
 
 _GATE_ORDERS: dict[tuple[int, torch.device], torch.Tensor] = {}
