@@ -66,22 +66,23 @@ def dataset(split: str, segment: float | None):
                     sample_rate=8000, n_src=2, segment=segment)
 
 
-def recipe_loss_settings() -> dict:
+def recipe_loss_settings(recipe: Path = RECIPE) -> dict:
     """``lambda_kd`` and ``average`` of the recipe's ``conf/fqss.yml`` (the QAT loss it trains with)."""
     import yaml
-    quant = yaml.safe_load((RECIPE / "conf" / "fqss.yml").read_text())["quant"]
+    quant = yaml.safe_load((recipe / "conf" / "fqss.yml").read_text())["quant"]
     return {"lambda_kd": float(quant["lambda_kd"]), "average": quant.get("loss_average", "linear")}
 
 
-def qat(teacher, steps: int, calib_steps: int, seed: int = 0):
+def qat(teacher, steps: int, calib_steps: int, seed: int = 0, prepare=None, loss_settings: dict | None = None):
     """Short FQSS QAT from the teacher as the recipe runs it: Adam 1e-4 (ranges at the config's
-    quantizer_lr), the recipe's loss settings, batch 4 x 1 s."""
+    quantizer_lr), the recipe's loss settings, batch 4 x 1 s; ``prepare(model, config)`` quantizes the copy
+    (default: Asteroid's ``prepare_model``)."""
     import fqss_plugin as fq
     from fqss_plugin.asteroid import prepare_model
     torch.manual_seed(seed)
     config = fq.QuantConfig.fqss(calib_steps=calib_steps)
-    model = prepare_model(copy.deepcopy(teacher), config).train()
-    loss = fq.FQSSLoss(**recipe_loss_settings())
+    model = (prepare or prepare_model)(copy.deepcopy(teacher), config).train()
+    loss = fq.FQSSLoss(**(loss_settings or recipe_loss_settings()))
     optimizer = torch.optim.Adam(fq.parameter_groups(model, config.quantizer_lr), lr=1e-4)
     loader = torch.utils.data.DataLoader(dataset("train-360", 1.0), batch_size=4, shuffle=True, drop_last=True)
     step = 0
@@ -100,13 +101,54 @@ def qat(teacher, steps: int, calib_steps: int, seed: int = 0):
     return model.eval(), config
 
 
+def cached_qat(teacher: nn.Module, teacher_source: str, loss_settings: dict, qat_steps: int, calib_steps: int,
+               work: Path, retrain: bool, stem: str = "fqss_model", prepare=None, load=None) -> tuple[nn.Module, dict]:
+    """:func:`qat` (``prepare``: how to quantize, default Asteroid's), cached in ``work`` (``<stem>.pth`` and
+    ``.json``, read back by ``load(path, teacher)``, default Asteroid's ``load_quantized_model``) and reused when
+    made with the same settings; ``teacher`` gets the weights the cached model was distilled from."""
+    import fqss_plugin as fq
+    from fqss_plugin.asteroid import load_quantized_model, save_quantized_model
+    cached, meta_path, teacher_path = work / f"{stem}.pth", work / f"{stem}.json", work / f"{stem}_teacher.pth"
+    if stem == "fqss_model":
+        teacher_path = work / "teacher_state.pth"                     # the name earlier runs cached it under
+    wanted = {"teacher": teacher_source, "qat_steps": qat_steps, "calib_steps": calib_steps,
+              **loss_settings, "config": fq.QuantConfig.fqss(calib_steps=calib_steps).to_dict()}
+    wanted = json.loads(json.dumps(wanted))                            # as the cache stores it (lists, not tuples)
+    previous = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if cached.is_file() and not retrain and all(previous.get(k) == v for k, v in wanted.items()):
+        model = load(cached, teacher) if load else load_quantized_model(cached)
+        model, qat_meta = model.eval(), previous
+    else:                  # no cache, or one made with other settings (another fqss version, recipe loss, ...)
+        start = time.time()
+        model, config = qat(teacher, qat_steps, calib_steps, prepare=prepare, loss_settings=loss_settings)
+        qat_meta = {**wanted, "qat_seconds": round(time.time() - start)}
+        if load:
+            torch.save(model.state_dict(), cached)
+        else:
+            save_quantized_model(model, cached, config, qat_meta)
+        meta_path.write_text(json.dumps(qat_meta))
+        torch.save(teacher.state_dict(), teacher_path)
+    if teacher_path.is_file():                        # the teacher the cached QAT model was distilled from
+        teacher.load_state_dict(torch.load(teacher_path, weights_only=True))
+    return model, qat_meta
+
+
 def export_float(model, path: Path) -> None:
     """The float model through the same exporter and clean-up passes as the int8 one (a fair fp32 baseline)."""
     from fqss_plugin.export import passes
     from fqss_plugin.export.view import WaveformSeparator, _export_norm_forward
+    from asteroid.dsp.overlap_add import DualPathProcessing
     from asteroid.masknn.norms import GlobLN
+    from fqss_plugin.export.view import _overlap_add_fold
+    from fqss_plugin.quant.attention import ACTIVATION_POINTS, QMultiheadAttention
     view = copy.deepcopy(model).eval()
     for module in view.modules():
+        if type(module) is nn.MultiheadAttention:        # traced, torch's attention fixes the example's batch
+            module.__class__ = QMultiheadAttention         # the same maths, written with dynamic shapes...
+            for point in ACTIVATION_POINTS + ("in_proj_weight",):
+                setattr(module, f"{point}_quantizer", nn.Identity())           # ...and no quantizer
+        if isinstance(module, DualPathProcessing):       # same overlap-add as the int8 view (no opset-18 Col2Im)
+            module.__class__ = type("ExportDualPathProcessing", (DualPathProcessing,), {"fold": _overlap_add_fold})
         if isinstance(module, GlobLN):        # same gLN formulation as the int8 view (no scripted If)
             module.__class__ = type("ExportGlobLN", (GlobLN,), {
                 "forward": _export_norm_forward, "output_quantizer": staticmethod(lambda x: x),
@@ -197,6 +239,56 @@ def time_interleaved(runners: dict, repeats: int, warmup: int = 3) -> dict[str, 
             run()
             times[name].append(1e3 * (time.perf_counter() - start))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def measure_latency(teacher: nn.Module, paths: dict[str, Path], mixture: torch.Tensor, repeats: int
+                    ) -> dict[int, dict[str, float]]:
+    """Median ms per run of the eager float ``teacher`` and of each ONNX file, interleaved, at 1 and 2 threads."""
+    import onnxruntime as ort
+    from fqss_plugin.export.runtime import session_options
+    sessions = {k: {t: ort.InferenceSession(str(p), session_options(t), providers=["CPUExecutionProvider"])
+                    for t in (1, 2)} for k, p in paths.items()}
+    feed = {"mixture": mixture.numpy()}
+    latency = {}
+    for threads in (1, 2):
+        def torch_run(threads=threads):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                teacher(mixture)
+        runners = {"torch fp32": torch_run}
+        runners.update({k: (lambda s=sessions[k][threads]: s.run(None, feed)) for k in paths})
+        latency[threads] = time_interleaved(runners, repeats)
+        print(threads, latency[threads], flush=True)
+    torch.set_num_threads(1)
+    return latency
+
+
+def measure_quality(teacher: nn.Module, model: nn.Module, paths: dict[str, Path], test_set) -> dict[str, float]:
+    """SI-SDRi over ``test_set`` of the float teacher, the fake-quant model and each ONNX file (1 thread)."""
+    from fqss_plugin.export import OrtSeparator
+    with torch.no_grad():
+        quality = {"torch fp32": si_sdr_improvement(lambda x: teacher(x).numpy(), test_set),
+                   "torch fake-quant": si_sdr_improvement(lambda x: model(x).numpy(), test_set)}
+    quality.update({k: si_sdr_improvement(OrtSeparator(p, threads=1).separate, test_set) for k, p in paths.items()})
+    print(quality, flush=True)
+    return quality
+
+
+def runtime_table(latency: dict[int, dict[str, float]], sizes: dict[str, int], quality: dict[str, float]) -> list[str]:
+    """The markdown rows of the runtime table: size, latency at 1 and 2 threads, SI-SDRi."""
+    rows = [("torch fp32 (eager)", "torch fp32", None), ("onnxruntime fp32", "fp32", "fp32"),
+            ("onnxruntime int8, fqss export (ours)", "int8", "int8"),
+            ("onnxruntime int8, `quantize_static` PTQ (no training)", "ptq", "ptq")]
+    table = ["| runtime | file size | size vs fp32 | latency 1 thread (ms) | vs ORT fp32 | 2 threads (ms) | "
+             "SI-SDRi (dB) |", "|---|---|---|---|---|---|---|"]
+    for label, key, size_key in rows:
+        size = f"{sizes[size_key]:,} B" if size_key else "-"
+        ratio = f"{sizes['fp32'] / sizes[size_key]:.2f}x smaller" if size_key and size_key != "fp32" else "-"
+        table.append(f"| {label} | {size} | {ratio} | {latency[1][key]:.1f} | "
+                     f"{latency[1]['fp32'] / latency[1][key]:.2f}x | {latency[2][key]:.1f} | {quality[key]:.3f} |")
+    table.append(f"| torch fake-quant (the QAT model, reference for parity) | - | - | - | - | - | "
+                 f"{quality['torch fake-quant']:.3f} |")
+    return table
 
 
 def torch_self_agreement(model: nn.Module, mixtures: list[torch.Tensor]) -> dict[str, list[float]]:
@@ -337,52 +429,39 @@ Goals (issue #7): int8 >= 2.5x faster than onnxruntime fp32 at 1 thread and >= 3
     return 0
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, work_dir: Path) -> None:
+    """The QAT, timing and reporting arguments the int8 benchmarks share."""
+    parser.add_argument("--qat-steps", type=int, default=150)
+    parser.add_argument("--calib-steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--eval-mixtures", type=int, default=0, help="0: the whole test set")
+    parser.add_argument("--work-dir", type=Path, default=work_dir)
+    parser.add_argument("--retrain", action="store_true", help="redo the QAT even if cached")
+    parser.add_argument("--no-write", action="store_true", help="print, do not write BENCHMARKS.md")
+    parser.add_argument("--machine", default="2 shared cores, other jobs may have run: 1-thread figures are the "
+                        "reliable ones", help="how loaded the machine was, for the report")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("embedded", "hub"), default="embedded",
                         help="embedded: the recipe's trained ConvTasNet (speed, size, quality, parity); hub: the "
                              "hub-size architecture (speed and size only)")
     parser.add_argument("--teacher", type=Path, default=None, help="float package or Lightning ckpt")
-    parser.add_argument("--qat-steps", type=int, default=150)
-    parser.add_argument("--calib-steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--eval-mixtures", type=int, default=0, help="0: the whole test set")
-    parser.add_argument("--work-dir", type=Path, default=ROOT / "exp" / "int8_runtime")
-    parser.add_argument("--retrain", action="store_true", help="redo the QAT even if cached")
-    parser.add_argument("--no-write", action="store_true", help="print, do not write BENCHMARKS.md")
-    parser.add_argument("--machine", default="2 shared cores, other jobs may have run: 1-thread figures are the "
-                        "reliable ones", help="how loaded the machine was, for the report")
+    add_run_arguments(parser, ROOT / "exp" / "int8_runtime")
     args = parser.parse_args(argv)
     if args.model == "hub":
         return hub_size(args.repeats, args.calib_steps, args.no_write, args.machine)
 
     import onnxruntime as ort
-    import fqss_plugin as fq
-    from fqss_plugin.asteroid import load_quantized_model, save_quantized_model
-    from fqss_plugin.export import OrtSeparator, ort_op_report, parity_report, to_onnx
-    from fqss_plugin.export.runtime import session_options
+    from fqss_plugin.export import ort_op_report, parity_report, to_onnx
 
     torch.set_num_threads(1)
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
     teacher, teacher_source = load_teacher(args.teacher)
-    cached = work / "fqss_model.pth"
-    meta_path = work / "fqss_model.json"
-    wanted = {"teacher": teacher_source, "qat_steps": args.qat_steps, "calib_steps": args.calib_steps,
-              **recipe_loss_settings(), "config": fq.QuantConfig.fqss(calib_steps=args.calib_steps).to_dict()}
-    wanted = json.loads(json.dumps(wanted))                            # as the cache stores it (lists, not tuples)
-    previous = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if cached.is_file() and not args.retrain and all(previous.get(k) == v for k, v in wanted.items()):
-        model, qat_meta = load_quantized_model(cached).eval(), previous
-    else:                  # no cache, or one made with other settings (another fqss version, recipe loss, ...)
-        start = time.time()
-        model, config = qat(teacher, args.qat_steps, args.calib_steps)
-        qat_meta = {**wanted, "qat_seconds": round(time.time() - start)}
-        save_quantized_model(model, cached, config, qat_meta)
-        meta_path.write_text(json.dumps(qat_meta))
-        torch.save(teacher.state_dict(), work / "teacher_state.pth")
-    if (work / "teacher_state.pth").is_file():        # the teacher the cached QAT model was distilled from
-        teacher.load_state_dict(torch.load(work / "teacher_state.pth", weights_only=True))
+    model, qat_meta = cached_qat(teacher, teacher_source, recipe_loss_settings(), args.qat_steps, args.calib_steps,
+                                 work, args.retrain)
     print(f"teacher: {qat_meta['teacher']}; QAT {qat_meta['qat_steps']} steps", flush=True)
 
     paths = {"fp32": work / "convtasnet_fp32.onnx", "int8": work / "convtasnet_int8.onnx",
@@ -396,52 +475,18 @@ def main(argv: list[str] | None = None) -> int:
     quantize_static_ptq(paths["fp32"], paths["ptq"], calib)
 
     mixture = test_set[0][0][None, :32000].contiguous()          # 4 s, batch 1
-    sessions = {k: {t: ort.InferenceSession(str(p), session_options(t), providers=["CPUExecutionProvider"])
-                    for t in (1, 2)} for k, p in paths.items()}
-    feed = {"mixture": mixture.numpy()}
-    latency = {}
-    for threads in (1, 2):
-        def torch_run(threads=threads):
-            torch.set_num_threads(threads)
-            with torch.no_grad():
-                teacher(mixture)
-        runners = {"torch fp32": torch_run}
-        runners.update({k: (lambda s=sessions[k][threads]: s.run(None, feed)) for k in paths})
-        latency[threads] = time_interleaved(runners, args.repeats)
-        print(threads, latency[threads], flush=True)
-    torch.set_num_threads(1)
-
-    separators = {k: OrtSeparator(p, threads=1) for k, p in paths.items()}
-
-    def torch_sep(m):
-        return lambda x: m(x).detach().numpy()
-    with torch.no_grad():
-        quality = {"torch fp32": si_sdr_improvement(torch_sep(teacher), test_set),
-                   "torch fake-quant": si_sdr_improvement(torch_sep(model), test_set)}
-    quality.update({k: si_sdr_improvement(s.separate, test_set) for k, s in separators.items()})
-    print(quality, flush=True)
+    latency = measure_latency(teacher, paths, mixture, args.repeats)
+    quality = measure_quality(teacher, model, paths, test_set)
     parity = parity_report(model, paths["int8"], mixture)
-    self_agreement = torch_self_agreement(model, [test_set[k][0][None, :32000].contiguous() for k in range(5)])
+    self_agreement = torch_self_agreement(model, [test_set[k][0][None, :32000].contiguous()
+                                                  for k in range(min(5, len(test_set)))])
     masker = [q for q in parity.quantizers if q.name.startswith("masker.") and not q.derived]
     ops = ort_op_report(paths["int8"])
     shares = {k: profile_shares(profile_by_op(paths[k], mixture.numpy())) for k in ("int8", "fp32")}
     sizes = {k: p.stat().st_size for k, p in paths.items()}
 
     n_params = sum(p.numel() for p in teacher.parameters())
-    rows = [("torch fp32 (eager)", "torch fp32", None, "torch fp32"),
-            ("onnxruntime fp32", "fp32", "fp32", "fp32"),
-            ("onnxruntime int8, fqss export (ours)", "int8", "int8", "int8"),
-            ("onnxruntime int8, `quantize_static` PTQ (no training)", "ptq", "ptq", "ptq")]
-    table = ["| runtime | file size | size vs fp32 | latency 1 thread (ms) | vs ORT fp32 | 2 threads (ms) | "
-             "SI-SDRi (dB) |", "|---|---|---|---|---|---|---|"]
-    for label, key, size_key, quality_key in rows:
-        size = f"{sizes[size_key]:,} B" if size_key else "-"
-        ratio = f"{sizes['fp32'] / sizes[size_key]:.2f}x smaller" if size_key and size_key != "fp32" else "-"
-        speed = f"{latency[1]['fp32'] / latency[1][key]:.2f}x"
-        table.append(f"| {label} | {size} | {ratio} | {latency[1][key]:.1f} | {speed} | {latency[2][key]:.1f} | "
-                     f"{quality[quality_key]:.3f} |")
-    table.append(f"| torch fake-quant (the QAT model, reference for parity) | - | - | - | - | - | "
-                 f"{quality['torch fake-quant']:.3f} |")
+    table = runtime_table(latency, sizes, quality)
     worst = max(parity.quantizers, key=lambda q: q.local_differ)
     body = f"""Command: `{command_line()}`
 

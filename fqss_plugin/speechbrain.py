@@ -470,14 +470,8 @@ class FQSSSeparation(sb.Brain):
     def separate(self, mix: torch.Tensor, modules=None) -> torch.Tensor:
         """``[B, T]`` mixture -> ``[B, T, num_spks]`` estimates with ``modules`` (default: ``self.modules``)."""
         modules = self.modules if modules is None else modules
-        mix_w = modules["encoder"](mix)
-        est_mask = modules["masknet"](mix_w)
-        sep_h = torch.stack([mix_w] * self.hparams.num_spks) * est_mask
-        est_source = torch.stack([modules["decoder"](sep_h[i]) for i in range(self.hparams.num_spks)], dim=-1)
-        length, est_length = mix.shape[1], est_source.shape[1]
-        if est_length < length:
-            return F.pad(est_source, (0, 0, 0, length - est_length))
-        return est_source[:, :length]
+        return separate_sources(mix, modules["encoder"], modules["masknet"], modules["decoder"],
+                                self.hparams.num_spks)
 
     def prepare_signals(self, mix, targets, stage, noise=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch fields -> (mixture ``[B, T]``, targets ``[B, T, num_spks]``) on the device, with the
@@ -806,6 +800,54 @@ pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
         os.replace(tmp, out / f"{key}.ckpt")
     (out / "hyperparams.yaml").write_text(text)
     return out
+
+
+def separate_sources(mix: torch.Tensor, encoder: nn.Module, masknet: nn.Module, decoder: nn.Module,
+                     num_spks: int) -> torch.Tensor:
+    """``SepformerSeparation.separate_batch``: ``[B, T]`` -> ``[B, T, num_spks]``, the estimates cut or
+    zero-padded to ``T`` (padded by ``T`` and cut, the same values without a length-dependent branch,
+    so that a traced graph is right for every length)."""
+    mix_w = encoder(mix)
+    sep_h = torch.stack([mix_w] * num_spks) * masknet(mix_w)
+    est_source = torch.stack([decoder(sep_h[i]) for i in range(num_spks)], dim=-1)
+    return F.pad(est_source, (0, 0, 0, mix.shape[1]))[:, :mix.shape[1]]
+
+
+class SepformerWaveform(nn.Module):
+    """A SepFormer's encoder, masknet and decoder as one separator ``[B, T] -> [B, num_spks, T]`` (the
+    signature of an Asteroid model), e.g. for :func:`fqss_plugin.export.to_onnx`."""
+
+    def __init__(self, encoder: nn.Module, masknet: nn.Module, decoder: nn.Module, num_spks: int,
+                 sample_rate: int | None = None) -> None:
+        super().__init__()
+        self.encoder, self.masknet, self.decoder = encoder, masknet, decoder
+        self.num_spks, self.sample_rate = num_spks, sample_rate
+
+    @classmethod
+    def from_separator(cls, separator: SepformerSeparation) -> SepformerWaveform:
+        """From a loaded inference package (``SepformerSeparation``/:class:`QuantizedSepformerSeparation`)."""
+        mods = separator.mods
+        return cls(mods.encoder, mods.masknet, mods.decoder, int(separator.hparams.num_spks),
+                   int(separator.hparams.sample_rate))
+
+    def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        return separate_sources(mix, self.encoder, self.masknet, self.decoder, self.num_spks).transpose(1, 2)
+
+
+def prepare_waveform(model: SepformerWaveform, config: QuantConfig) -> SepformerWaveform:
+    """:func:`quantize_inplace` on the modules of ``model`` (in place; no teacher copy); returns ``model``."""
+    quantize_inplace({"encoder": model.encoder, "masknet": model.masknet, "decoder": model.decoder}, config,
+                     keep_float_teacher=False)
+    return model
+
+
+def load_quantized_separator(package: str | os.PathLike) -> SepformerWaveform:
+    """The quantized SepFormer of an inference package directory (:func:`save_pretrained_separator`), on CPU."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as savedir:
+        separator = QuantizedSepformerSeparation.from_hparams(source=str(Path(package).resolve()), savedir=savedir,
+                                                              run_opts={"device": "cpu"})
+    return SepformerWaveform.from_separator(separator).eval()
 
 
 class QuantizedSepformerSeparation(SepformerSeparation):

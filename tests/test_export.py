@@ -47,8 +47,9 @@ def tiny_dptnet(chunk_size: int = 20, hop_size: int = 10):
                   hop_size=hop_size, n_repeats=1, sample_rate=SR)
 
 
-def qat_from(teacher, float_steps: int, qat_steps: int, gen: torch.Generator):
-    """Train ``teacher`` in float for ``float_steps``, then FQSS QAT (5 calibrating) for ``qat_steps``."""
+def qat_from(teacher, float_steps: int, qat_steps: int, gen: torch.Generator, prepare=prepare_model):
+    """Train ``teacher`` in float for ``float_steps``, then FQSS QAT (5 calibrating) for ``qat_steps`` of a copy
+    quantized by ``prepare(model, config)``."""
     loss = FQSSLoss(lambda_kd=0.0)
     optimizer = torch.optim.Adam(teacher.parameters(), lr=3e-3)
     for _ in range(float_steps):
@@ -57,7 +58,7 @@ def qat_from(teacher, float_steps: int, qat_steps: int, gen: torch.Generator):
         loss(teacher(mix), sources).backward()
         optimizer.step()
     teacher.eval()
-    model = prepare_model(copy.deepcopy(teacher), fq.QuantConfig.fqss(calib_steps=5))
+    model = prepare(copy.deepcopy(teacher), fq.QuantConfig.fqss(calib_steps=5))
     loss = FQSSLoss(lambda_kd=0.1)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
@@ -296,6 +297,11 @@ def test_dptnet_exports_its_lstms_as_loops_on_any_length(trained_dptnet, tmp_pat
     graph = onnx.load(str(result.path))
     assert sum(n.op_type == "Loop" for n in graph.graph.node) == 4       # 2 BiLSTMs x 2 directions
     assert {o.domain for o in graph.opset_import} <= {"", "ai.onnx"}      # no placeholder left
+    report = ort_op_report(result.path)
+    assert report.integer["QLinearMatMul"] >= 4 and "QLinearSoftmax" not in report.integer   # float softmax: faster
+    assert report.float_compute["Softmax"] == 2 and report.float_compute["Loop"] == 4
+    integer_softmax = to_onnx(model, tmp_path / "integer_softmax.onnx", integer_softmax=True)
+    assert ort_op_report(integer_softmax.path).integer["QLinearSoftmax"] == 2
     mix, sources = two_source_batch(2, 6000, torch.Generator().manual_seed(123))
     with torch.no_grad():
         reference = fq.freeze(copy.deepcopy(model))(mix)
@@ -316,3 +322,42 @@ def test_dptnet_exports_its_lstms_as_loops_on_any_length(trained_dptnet, tmp_pat
         out = separator.separate(wav)
         assert out.shape == expected.shape == (2, length)
         assert 10 * np.log10(expected.pow(2).sum() / (expected - out).pow(2).sum()) > 30
+
+
+def test_sepformer_package_exports_and_runs_any_length(tmp_path, capsys):
+    """SpeechBrain SepFormer (the tests' tiny one, trained briefly): `fqss export` of its inference package
+    directory; the view is bit-identical, onnxruntime reproduces the torch model on any length."""
+    from fqss_plugin.export import export_view
+    from fqss_plugin.speechbrain import SepformerWaveform, prepare_waveform, save_pretrained_separator
+    from tests.test_speechbrain_adapter import tiny_modules
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        modules = tiny_modules()
+        teacher = SepformerWaveform(modules["encoder"], modules["masknet"], modules["decoder"], 2, SR)
+        _, model = qat_from(teacher, 30, 10, torch.Generator().manual_seed(2), prepare=prepare_waveform)
+    finally:
+        torch.set_num_threads(threads)
+    config = fq.QuantConfig.fqss(calib_steps=5)
+    package = save_pretrained_separator(tmp_path / "pkg", {"encoder": model.encoder, "masknet": model.masknet,
+                                                           "decoder": model.decoder}, config, sample_rate=SR)
+    out = tmp_path / "sepformer.onnx"
+    assert cli_main(["export", "--checkpoint", str(package), "--out", str(out)]) == 0
+    assert "2 sources at 8000 Hz" in capsys.readouterr().out
+    mix, sources = two_source_batch(2, 6000, torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        reference = fq.freeze(copy.deepcopy(model))(mix)
+        assert torch.equal(export_view(model)(mix), reference)
+    parity = parity_report(model, out, mix)
+    assert parity.snr_db >= 35 and parity.worst_local_beyond_1lsb == 0, str(parity)
+    estimate = torch.from_numpy(OrtSeparator(out).separate(mix.numpy()))
+    loss = FQSSLoss(lambda_kd=0.0)
+    assert abs(float(loss(estimate, sources) - loss(reference, sources))) <= 0.02
+    separator = OrtSeparator(out)
+    for length in (1001, 2999, 3004):            # other chunk counts, and each residue of the stride (8)
+        wav = 0.2 * torch.randn(length, generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            expected = model(wav[None])[0]
+        got = separator.separate(wav)
+        assert got.shape == expected.shape == (2, length)
+        assert 10 * np.log10(expected.pow(2).sum() / (expected - got).pow(2).sum()) > 30

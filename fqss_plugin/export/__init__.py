@@ -7,7 +7,9 @@
     estimates = OrtSeparator("model.onnx", threads=1).separate(mixture)
 
 * :func:`to_onnx` -- :mod:`.export`; the torch-side rewrites are in :mod:`.view`, the ONNX
-  passes in :mod:`.passes`.
+  passes in :mod:`.passes`, the QLSTM time loops (as ONNX ``Loop``) in :mod:`.recurrent`. Asteroid
+  encoder-masker-decoder models (ConvTasNet, DPTNet) export as they are; a SpeechBrain SepFormer as a
+  :class:`fqss_plugin.speechbrain.SepformerWaveform`.
 * :class:`OrtSeparator`, :func:`ort_op_report` (which ops onnxruntime runs in integer and which in
   float), :func:`parity_report` (torch vs onnxruntime, end to end and per quantizer) -- :mod:`.runtime`.
 * Command line: ``fqss export`` and ``fqss separate`` (:mod:`.cli`).

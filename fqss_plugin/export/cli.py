@@ -1,7 +1,7 @@
 """``fqss export`` and ``fqss separate``: the int8 ONNX export and running it on wav files.
 
-``fqss export --checkpoint exp/fqss/best_model.pth --out model.onnx`` (a recipe's model package, or
-its directory); ``fqss separate --model model.onnx mix.wav [more.wav] --out-dir DIR`` writes
+``fqss export --checkpoint exp/fqss/best_model.pth --out model.onnx`` (an Asteroid recipe's model package,
+or its directory, or a SpeechBrain SepFormer package directory); ``fqss separate --model model.onnx mix.wav [more.wav] --out-dir DIR`` writes
 ``DIR/<name>_s1.wav ... _s<n>.wav``.
 """
 from __future__ import annotations
@@ -17,12 +17,15 @@ SEPARATE_HELP = "separate wav files with an exported ONNX model (onnxruntime)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``fqss export``."""
     parser.add_argument("--checkpoint", required=True,
-                        help="quantized model package (best_model.pth written by an fqss recipe) or its directory")
+                        help="quantized model package: best_model.pth written by an Asteroid fqss recipe (or its "
+                             "directory), or a SpeechBrain SepFormer package directory (hyperparams.yaml)")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
     parser.add_argument("--decoder", choices=("matmul", "conv"), default="matmul",
                         help="filterbank decoder as an integer MatMul + overlap-add (default) or a float ConvTranspose")
     parser.add_argument("--staged-norm-means", action="store_true",
                         help="take each gLN mean one axis at a time: accurate on long recordings, slower")
+    parser.add_argument("--integer-softmax", action="store_true",
+                        help="let onnxruntime run the attention softmax as QLinearSoftmax (slower on its CPU provider)")
     parser.add_argument("--report", action="store_true", help="print which ops onnxruntime runs in integer and in float")
 
 
@@ -31,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from .runtime import ort_op_report
     try:
         model = _load_quantized(args.checkpoint)
-        result = to_onnx(model, args.out, decoder=args.decoder, staged_norm_means=args.staged_norm_means)
+        result = to_onnx(model, args.out, decoder=args.decoder, staged_norm_means=args.staged_norm_means,
+                         integer_softmax=args.integer_softmax)
     except (ValueError, FileNotFoundError) as error:       # ExportError is a ValueError
         print(f"fqss export: error: {error}", file=sys.stderr)
         return 2
@@ -46,7 +50,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load_quantized(checkpoint: str):
-    """A quantized model from a recipe package (Asteroid); float or malformed files -> ValueError."""
+    """A quantized model from a recipe package: a SpeechBrain package directory (``hyperparams.yaml``) or an
+    Asteroid package; float or malformed files -> ValueError."""
+    if (Path(checkpoint) / "hyperparams.yaml").is_file():
+        from ..speechbrain import load_quantized_separator
+        return load_quantized_separator(checkpoint)
     from ..asteroid import load_quantized_model
     return load_quantized_model(checkpoint)
 

@@ -39,8 +39,8 @@ def load_export_settings(model: onnx.ModelProto) -> dict:
 
 
 def to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | None = None, *,
-            decoder: str = "matmul", staged_norm_means: bool = False, opset: int = OPSET, deploy: bool = True, sample_rate: int | None = None,
-            metadata: dict | None = None) -> ExportResult:
+            decoder: str = "matmul", staged_norm_means: bool = False, integer_softmax: bool = False, opset: int = OPSET,
+            deploy: bool = True, sample_rate: int | None = None, metadata: dict | None = None) -> ExportResult:
     """Export a trained fqss separator to an int8 ONNX QDQ model that onnxruntime runs in integer.
 
     Steps: :func:`~fqss_plugin.freeze` on a copy (the model is not modified), the export view
@@ -60,6 +60,9 @@ def to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | No
             ``"conv"`` (ConvTranspose, which onnxruntime runs in float).
         staged_norm_means: take each gLN mean one axis at a time (accurate on long inputs, slower in
             onnxruntime; see :func:`~fqss_plugin.export.view.export_view`).
+        integer_softmax: let onnxruntime fuse the attention softmax into ``QLinearSoftmax`` (slower on its
+            CPU provider, see :func:`~fqss_plugin.export.passes.keep_softmax_float`; for runtimes whose
+            integer softmax pays off).
         deploy: run the deploy passes (int8 initializers, int32 biases, LeakyRelu, requantization).
     """
     sample_rate = sample_rate or _sample_rate(model)
@@ -89,11 +92,11 @@ def to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | No
     if tagged == 0:
         notes.append("activation QuantizeLinear nodes could not be matched to quantizer modules: "
                      "no per-quantizer parity report for this file")
-    changes = passes.deploy(onnx_model) if deploy else {}
+    changes = passes.deploy(onnx_model, integer_softmax=integer_softmax) if deploy else {}
     settings = {"decoder": decoder, "staged_norm_means": staged_norm_means}
     info = {"fqss_export": json.dumps(settings), "n_src": str(n_src), "producer": "fqss_plugin.export",
             "input": "mixture float32 [batch, time], raw waveform (any length)",
-            "output": "sources float32 [batch, n_src, time]", **{k: str(v) for k, v in (metadata or {}).items()}}
+            "output": "sources float32 [batch, n_src, time]", "integer_softmax": str(integer_softmax), **{k: str(v) for k, v in (metadata or {}).items()}}
     if sample_rate:
         info["sample_rate"] = str(int(sample_rate))
     onnx.helper.set_model_props(onnx_model, info)

@@ -10,6 +10,8 @@ what onnxruntime does itself:
   torch's own fake-quant kernel, so the integers are the ones the torch model used);
 * :func:`fold_constant_reshapes` -- ``DQ(int8 constant) -> Reshape(constant shape)`` becomes a
   DQ of the reshaped constant (per-tensor when all channel steps are equal);
+* :func:`fold_constant_transposes` -- ``DQ(int8 constant) -> Transpose/Split`` becomes DQs of the moved codes
+  (``F.linear``'s transposed weight, an attention's q/k/v split), so that the MatMul sees the DQ;
 * :func:`quantize_biases` -- a Conv/MatMul-feeding bias becomes int32 with step ``s_x·s_w``
   behind a DQ (the rounding integer kernels apply to a float bias anyway);
 * :func:`scalar_qparams` -- ``[1]`` steps and zero points become scalars (QLinearAdd/Mul need them);
@@ -18,6 +20,7 @@ what onnxruntime does itself:
   producer's Q/DQ right in front of the op (an identity: the values are on that grid);
 * :func:`drop_zero_points` -- all-zero zero points of weight/bias DQs (the default) are not stored;
 * :func:`remove_identities`, :func:`remove_dead` -- Identity nodes, unused nodes and initializers;
+* :func:`keep_softmax_float` -- Softmax stays a float kernel (faster than onnxruntime's QLinearSoftmax);
 * :data:`COMPACT` -- the same graph in fewer bytes: Constant nodes as initializers, duplicate initializers
   merged, default Conv attributes dropped, shortest tensor names (the exporter's scope names weigh more than
   a small model's weights).
@@ -35,7 +38,7 @@ SHAPE_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand"
              "Pad", "Tile", "Identity"}
 """Ops that move values without changing them (Pad: with zeros, on every grid)."""
 
-INTEGER_CAPABLE = {"Conv": (0, 1), "MatMul": (0, 1), "Mul": (0, 1), "Add": (0, 1), "Sigmoid": (0,),
+INTEGER_CAPABLE = {"Conv": (0, 1), "MatMul": (0, 1), "Gemm": (0, 1), "Mul": (0, 1), "Add": (0, 1), "Sigmoid": (0,),
                    "LeakyRelu": (0,), "Concat": None, "AveragePool": (0,), "Softmax": (0,)}
 """Ops onnxruntime's CPU provider runs in int8 when DQ feeds the listed inputs (None: all)."""
 
@@ -174,6 +177,55 @@ def fold_constant_reshapes(model: onnx.ModelProto) -> int:
         graph.g.node.insert(index, dq)
         graph.refresh()
         folded += 1
+    return folded
+
+
+def fold_constant_transposes(model: onnx.ModelProto) -> int:
+    """``DQ(constant codes) -> Transpose`` and ``-> Split`` (constant sizes) -> DQs of the moved codes.
+
+    ``F.linear`` exports as ``MatMul(x, Transpose(W))`` and an attention's separate q/k/v projections as a
+    Split of the joint weight first: with the DQ behind them, onnxruntime keeps those matmuls in float. The
+    per-channel steps follow their axis (``perm.index(axis)``; split with the codes along it). Exact.
+    """
+    graph, folded = Graph(model), 0
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.g.node):
+            if node.op_type not in ("Transpose", "Split"):
+                continue
+            found = _dq_of_const(graph, node.input[0])
+            if found is None:
+                continue
+            dq, codes, scale, zero_point = found
+            axis = _attr(dq, "axis", 1) % codes.ndim
+            per_channel = scale.size > 1
+            if node.op_type == "Transpose":
+                perm = list(_attr(node, "perm", list(range(codes.ndim))[::-1]))
+                parts = [(codes.transpose(perm), scale, zero_point, perm.index(axis))]
+            else:
+                split_axis = _attr(node, "axis", 0) % codes.ndim
+                sizes = graph.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+                if sizes is None:
+                    continue
+                bounds = np.cumsum(sizes)[:-1]
+                pieces = np.split(codes, bounds, axis=split_axis)
+                if per_channel and split_axis == axis:
+                    scales = np.split(scale, bounds)
+                    zeros = np.split(zero_point, bounds) if zero_point.size > 1 else [zero_point] * len(pieces)
+                else:
+                    scales, zeros = [scale] * len(pieces), [zero_point] * len(pieces)
+                parts = [(c, sc, z, axis) for c, sc, z in zip(pieces, scales, zeros)]
+            index = list(graph.g.node).index(node)
+            graph.g.node.remove(node)
+            for k, (part, part_scale, part_zero, part_axis) in enumerate(parts):
+                base = graph.add_init(np.ascontiguousarray(part), node.output[k] + "_codes")
+                inputs = [base, graph.add_init(part_scale, base + "_scale"), graph.add_init(part_zero, base + "_zero")]
+                graph.g.node.insert(index + k, helper.make_node(
+                    "DequantizeLinear", inputs, [node.output[k]], **({"axis": part_axis} if per_channel else {})))
+            graph.refresh()
+            folded += 1
+            changed = True
     return folded
 
 
@@ -447,18 +499,38 @@ def shorten_names(model: onnx.ModelProto, keep_prefix: str = "fqss:") -> int:
     return len(mapping)
 
 
+def keep_softmax_float(model: onnx.ModelProto) -> int:
+    """Put a one-input ``Max`` (an identity) in front of every Softmax, so that onnxruntime runs it in float.
+
+    Otherwise onnxruntime fuses ``DQ -> Softmax -> Q`` into ``QLinearSoftmax``, which measured 5x slower than
+    its float kernel on the embedded SepFormer's attention (35.6 vs 6.9 ms per 4 s mixture, 1 thread) and
+    computes through a lookup table (0.9% of the softmax codes 1 LSB off torch's). The Q after the softmax
+    stays, so the probabilities are still stored as 8-bit codes; returns how many were kept in float.
+    """
+    g, kept = model.graph, 0
+    for node in [n for n in g.node if n.op_type == "Softmax"]:
+        identity = helper.make_node("Max", [node.input[0]], [node.input[0] + "_float_softmax_input"])
+        g.node.insert(list(g.node).index(node), identity)
+        node.input[0] = identity.output[0]
+        kept += 1
+    return kept
+
+
 COMPACT = (constants_to_initializers, dedupe_initializers, drop_default_attributes, shorten_names)
 """The passes that only make the file smaller (same graph): also applied to the fp32 baseline in benchmarks."""
 
 
-PASSES = (remove_identities, fold_weight_quantizers, fold_constant_reshapes, quantize_biases, scalar_qparams,
+PASSES = (remove_identities, fold_weight_quantizers, fold_constant_reshapes, fold_constant_transposes, quantize_biases,
+          scalar_qparams,
           prelu_to_leakyrelu,
           requantize_before_integer_ops, drop_zero_points, remove_dead) + COMPACT
 
 
-def deploy(model: onnx.ModelProto) -> dict[str, int]:
-    """Run every pass in order; returns what each one changed."""
-    return {p.__name__: p(model) for p in PASSES}
+def deploy(model: onnx.ModelProto, integer_softmax: bool = False) -> dict[str, int]:
+    """Run every pass in order (and :func:`keep_softmax_float` unless ``integer_softmax``, before the
+    compaction); returns what each one changed."""
+    chosen = PASSES if integer_softmax else PASSES[:-len(COMPACT)] + (keep_softmax_float,) + COMPACT
+    return {p.__name__: p(model) for p in chosen}
 
 
 def tensor_bytes(model: onnx.ModelProto) -> dict[str, int]:

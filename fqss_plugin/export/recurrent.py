@@ -170,7 +170,7 @@ def _loop_nodes(node: onnx.NodeProto, prefix: str) -> list[onnx.NodeProto]:
 
 def _loop_body(x: str, w_hh_t: str, bias: str | None, last: str | None, hidden: int, scales: list[float],
                zero_points: list[int], prefix: str) -> onnx.GraphProto:
-    """The body graph: inputs (i, cond, h, c), outputs (cond, h, c, h for the scan)."""
+    """The body graph: inputs (i, cond, h, c), outputs (cond, h, c, h again for the scan)."""
     name = lambda s: prefix + "b_" + s                                     # noqa: E731
     nodes: list[onnx.NodeProto] = []
     initializers: list[onnx.TensorProto] = []
@@ -205,13 +205,11 @@ def _loop_body(x: str, w_hh_t: str, bias: str | None, last: str | None, hidden: 
     c = qdq(op("Add", [qdq(op("Mul", [name("forget_gate"), name("c_in")], "fc"), "forget_cell"),
                        qdq(op("Mul", [name("in_gate"), g], "ig"), "input_cell")], "c_sum"), "cell")
     h = qdq(op("Mul", [name("out_gate"), qdq(op("Tanh", [c], "c_tanh"), "cell_tanh")], "h_prod"), "hidden")
-    op("Identity", [name("cond_in")], "cond_out")
-    op("Identity", [h], "h_scan")
     value = helper.make_tensor_value_info
     return helper.make_graph(
         nodes, prefix + "body",
         [value(name("i"), TensorProto.INT64, []), value(name("cond_in"), TensorProto.BOOL, []),
          value(name("h_in"), TensorProto.FLOAT, None), value(name("c_in"), TensorProto.FLOAT, None)],
-        [value(name("cond_out"), TensorProto.BOOL, []), value(h, TensorProto.FLOAT, None),
-         value(c, TensorProto.FLOAT, None), value(name("h_scan"), TensorProto.FLOAT, None)],
+        [value(name("cond_in"), TensorProto.BOOL, []), value(h, TensorProto.FLOAT, None),
+         value(c, TensorProto.FLOAT, None), value(h, TensorProto.FLOAT, None)],
         initializer=initializers)
