@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.int8_runtime import (add_run_arguments, cached_qat, dataset, export_float,  # noqa: E402
-                                     measure_latency, measure_quality, profile_by_op, profile_shares, quantize_static_ptq, recipe_loss_settings,
-                                     runtime_table)
+                                     measure_latency, measure_quality, profile_by_op, profile_shares,
+                                     quantize_static_ptq, recipe_loss_settings, runtime_table)
 from benchmarks.report import command_line, write_section  # noqa: E402
 
 RECIPES = ROOT / "recipes" / "LibriMix"
