@@ -361,3 +361,29 @@ def test_sepformer_package_exports_and_runs_any_length(tmp_path, capsys):
         got = separator.separate(wav)
         assert got.shape == expected.shape == (2, length)
         assert 10 * np.log10(expected.pow(2).sum() / (expected - got).pow(2).sum()) > 30
+
+
+def test_unidirectional_multilayer_lstm_exports(tmp_path):
+    """Asteroid's LSTMTasNet with a 2-layer unidirectional LSTM (calibrated): one ``Loop`` per layer, the view
+    bit-identical, onnxruntime within rounding of torch on lengths other than the traced one."""
+    from asteroid.models import LSTMTasNet
+    from fqss_plugin.export import export_view
+    torch.manual_seed(0)
+    model = fq.prepare(LSTMTasNet(n_src=2, n_layers=2, hid_size=16, dropout=0.0, bidirectional=False, n_filters=16,
+                                  kernel_size=16, stride=8, sample_rate=SR),
+                       fq.QuantConfig.fqss(calib_steps=3), encoder="encoder.encoder_relu", decoder="decoder").train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(0.1 * torch.randn(2, 4000, generator=torch.Generator().manual_seed(_)))
+            fq.calibration_step(model)
+    model.eval()
+    result = to_onnx(model, tmp_path / "lstm.onnx")
+    assert sum(n.op_type == "Loop" for n in onnx.load(str(result.path)).graph.node) == 2
+    separator = OrtSeparator(result.path)
+    for length in (1001, 4003):
+        wav = 0.2 * torch.randn(1, length, generator=torch.Generator().manual_seed(length))
+        with torch.no_grad():
+            expected = model(wav)
+            assert torch.equal(export_view(model)(wav), expected)
+        got = separator.separate(wav)
+        assert 10 * np.log10(expected.pow(2).sum() / (expected - got).pow(2).sum()) > 40
