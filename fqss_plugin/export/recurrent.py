@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
-import numpy as np
 
 from ..quant.recurrent import ACTIVATION_POINTS, QLSTM, _gate_order, lstm_recurrence
 
@@ -122,8 +122,7 @@ def expand_lstm_recurrences(model: onnx.ModelProto) -> int:
     for position, node in reversed(list(enumerate(g.node))):
         if node.domain != DOMAIN or node.op_type != PLACEHOLDER:
             continue
-        prefix = f"lstm{len([n for n in g.node if n.op_type == 'Loop'])}_"
-        nodes = _loop_nodes(node, prefix)
+        nodes = _loop_nodes(node, f"lstm{expanded}_")
         del g.node[position]
         for k, new in enumerate(nodes):
             g.node.insert(position + k, new)
@@ -137,7 +136,12 @@ def expand_lstm_recurrences(model: onnx.ModelProto) -> int:
 
 def _loop_nodes(node: onnx.NodeProto, prefix: str) -> list[onnx.NodeProto]:
     """The main-graph nodes replacing one placeholder: trip count, transposed ``W_hh``, the ``Loop`` and,
-    for the backward direction, the flip of the scanned outputs."""
+    for the backward direction, the flip of the scanned outputs.
+
+    The body reads ``X`` as it is, a DequantizeLinear output, and walks it backwards for the backward direction
+    (``t = T - 1 - i``): onnxruntime 1.32 aborts at session creation when a loop body reads a shape op (a Slice
+    reversing ``X``, an Unsqueeze) applied right after a DequantizeLinear of the outer graph.
+    """
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     reverse = bool(attrs["reverse"])
     x, h0, c0, w_hh = node.input[:4]
