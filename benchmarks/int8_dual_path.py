@@ -32,12 +32,13 @@ def dptnet():
     """(float teacher, its source, QAT loss settings, prepare, load, architecture) of the DPTNet recipe."""
     from fqss_plugin.asteroid import load_float_model
     path = RECIPES / "DPTNet" / "pretrained" / "embedded_float" / "best_model.pth"
-    masker = load_float_model(path).masker
+    teacher = load_float_model(path).eval()
+    masker = teacher.masker
     architecture = (f"64 filters, kernel 32 / stride 16, {len(masker.layers)} dual-path layers of attention and a "
                     f"BiLSTM (hidden {masker.layers[0][0].recurrent.hidden_size}), chunk {masker.chunk_size} / hop "
                     f"{masker.hop_size}; each QLSTM direction an ONNX `Loop` over time, the fp32 file's `nn.LSTM` "
                     "one ONNX `LSTM`")
-    return load_float_model(path).eval(), path, recipe_loss_settings(RECIPES / "DPTNet"), None, None, architecture
+    return teacher, path, recipe_loss_settings(RECIPES / "DPTNet"), None, None, architecture
 
 
 def sepformer():

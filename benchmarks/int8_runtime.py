@@ -109,8 +109,6 @@ def cached_qat(teacher: nn.Module, teacher_source: str, loss_settings: dict, qat
     import fqss_plugin as fq
     from fqss_plugin.asteroid import load_quantized_model, save_quantized_model
     cached, meta_path, teacher_path = work / f"{stem}.pth", work / f"{stem}.json", work / f"{stem}_teacher.pth"
-    if stem == "fqss_model":
-        teacher_path = work / "teacher_state.pth"                     # the name earlier runs cached it under
     wanted = {"teacher": teacher_source, "qat_steps": qat_steps, "calib_steps": calib_steps,
               **loss_settings, "config": fq.QuantConfig.fqss(calib_steps=calib_steps).to_dict()}
     wanted = json.loads(json.dumps(wanted))                            # as the cache stores it (lists, not tuples)

@@ -167,17 +167,23 @@ def fold_constant_reshapes(model: onnx.ModelProto) -> int:
         _, codes, scale, zero_point = found
         if np.unique(scale).size != 1 or np.unique(zero_point).size != 1 or (shape == -1).sum() > 1:
             continue
-        new_codes = graph.add_init(codes.reshape(shape), node.input[0].split("/")[-1] + "_reshaped")
-        new_scale = graph.add_init(scale.reshape(-1)[:1].reshape(()), new_codes + "_scale")
-        new_zp = graph.add_init(zero_point.reshape(-1)[:1].reshape(()), new_codes + "_zero_point")
-        dq = helper.make_node("DequantizeLinear", [new_codes, new_scale, new_zp], [node.output[0]],
-                              name=graph.unique(node.name + "/folded_dq"))
-        index = list(graph.g.node).index(node)
-        graph.g.node.remove(node)
-        graph.g.node.insert(index, dq)
-        graph.refresh()
+        _replace_by_dqs(graph, node, [(codes.reshape(shape), scale.reshape(-1)[:1].reshape(()),
+                                       zero_point.reshape(-1)[:1].reshape(()), None)])
         folded += 1
     return folded
+
+
+def _replace_by_dqs(graph: Graph, node: onnx.NodeProto, parts: list[tuple]) -> None:
+    """Replace ``node`` by one DequantizeLinear per output: ``parts[k] = (codes, scale, zero point, axis or None)``
+    become initializers, the k-th DQ writes ``node.output[k]`` (per-axis when ``axis`` is given)."""
+    index = list(graph.g.node).index(node)
+    graph.g.node.remove(node)
+    for k, (codes, scale, zero_point, axis) in enumerate(parts):
+        base = graph.add_init(np.ascontiguousarray(codes), node.output[k] + "_codes")
+        inputs = [base, graph.add_init(scale, base + "_scale"), graph.add_init(zero_point, base + "_zero")]
+        graph.g.node.insert(index + k, helper.make_node("DequantizeLinear", inputs, [node.output[k]],
+                                                        **({"axis": axis} if axis is not None else {})))
+    graph.refresh()
 
 
 def fold_constant_transposes(model: onnx.ModelProto) -> int:
@@ -216,14 +222,7 @@ def fold_constant_transposes(model: onnx.ModelProto) -> int:
                 else:
                     scales, zeros = [scale] * len(pieces), [zero_point] * len(pieces)
                 parts = [(c, sc, z, axis) for c, sc, z in zip(pieces, scales, zeros)]
-            index = list(graph.g.node).index(node)
-            graph.g.node.remove(node)
-            for k, (part, part_scale, part_zero, part_axis) in enumerate(parts):
-                base = graph.add_init(np.ascontiguousarray(part), node.output[k] + "_codes")
-                inputs = [base, graph.add_init(part_scale, base + "_scale"), graph.add_init(part_zero, base + "_zero")]
-                graph.g.node.insert(index + k, helper.make_node(
-                    "DequantizeLinear", inputs, [node.output[k]], **({"axis": part_axis} if per_channel else {})))
-            graph.refresh()
+            _replace_by_dqs(graph, node, [(c, sc, z, a if per_channel else None) for c, sc, z, a in parts])
             folded += 1
             changed = True
     return folded

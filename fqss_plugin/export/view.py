@@ -38,10 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant.prepare import freeze
-from ..quant.quantizers import (ActivationQuantizer, FrozenActivationQuantizer, FrozenWeightQuantizer,
-                                WeightQuantizer)
-from .recurrent import export_lstms
+from ..quant.quantizers import QUANTIZER_TYPES, FrozenActivationQuantizer
 from ..quant.signal_io import InputSplitter, OutputCombiner, SplitActivationQuantizer, grid_step, split_signal
+from .recurrent import export_lstms
 
 
 class ExportError(ValueError):
@@ -229,8 +228,7 @@ class WaveformSeparator(nn.Module):
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (ActivationQuantizer, WeightQuantizer, FrozenActivationQuantizer,
-                              FrozenWeightQuantizer)) for m in model.modules())
+    return any(isinstance(m, QUANTIZER_TYPES) for m in model.modules())
 
 
 def export_view(model: nn.Module, decoder: str = "conv", staged_norm_means: bool = False) -> WaveformSeparator:
@@ -264,10 +262,8 @@ def export_view(model: nn.Module, decoder: str = "conv", staged_norm_means: bool
 
 def _check_supported(model: nn.Module) -> None:
     for name, module in model.named_modules():
-        bits = getattr(module, "bits", 8)
-        if isinstance(module, (ActivationQuantizer, WeightQuantizer, FrozenActivationQuantizer,
-                               FrozenWeightQuantizer)) and bits != 8:
-            raise ExportError(f"{name}: {bits}-bit quantizer; the ONNX QDQ export writes 8-bit tensors only")
+        if isinstance(module, QUANTIZER_TYPES) and module.bits != 8:
+            raise ExportError(f"{name}: {module.bits}-bit quantizer; the ONNX QDQ export writes 8-bit tensors only")
 
 
 def _rewrite(model: nn.Module, decoder: str, staged_norm_means: bool) -> None:
