@@ -1,11 +1,13 @@
 # Two entry points (see README): `make demo` runs the main job, `make test` runs the tests.
 # Each installs what it needs: a virtualenv in .venv with pinned packages, and the
-# Debian tools the data generator and museval use (when run as root).
+# Debian tools the data generator and museval use, and QEMU's user mode, which runs onnxruntime on an
+# emulated CPU without VNNI in the tests (when run as root).
 
 PYTHON     ?= python3.11
 VENV       := .venv
 PY         := $(VENV)/bin/python
-APT_TOOLS  := espeak-ng flite ffmpeg sox
+APT_TOOLS  := espeak-ng flite ffmpeg sox qemu-user
+APT_CMDS   := espeak-ng flite ffmpeg sox qemu-x86_64
 STAMP      := $(VENV)/.installed
 # torch 2.14.1 from PyPI is the CUDA build: the venv takes 6.3 GB (3.2 GB of nvidia
 # libraries that `import torch` loads even on CPU); pip peaked at 6.6 GB without its cache.
@@ -34,7 +36,7 @@ $(STAMP): $(VENV)/bin/python setup.cfg pyproject.toml constraints.txt
 	touch $(STAMP)
 
 system-tools:
-	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	@missing=""; for t in $(APT_CMDS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing Debian packages:$$missing"; \

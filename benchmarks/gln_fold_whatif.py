@@ -27,6 +27,7 @@ from onnx import TensorProto, helper
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.int8_runtime import (calibrated_fqss, dataset, export_float, hub_stand_in,  # noqa: E402
                                      profile_by_op, profile_shares, time_interleaved)
+from fqss_plugin.export.saturation import describe_cpu  # noqa: E402
 from benchmarks.report import command_line, write_section  # noqa: E402
 
 
@@ -159,7 +160,7 @@ The hub-size ConvTasNet of the section above (`hub_stand_in`, {args.calib_steps}
 squares), and the consumer convolutions as QLinearConv with the per-run step, zero point and int32 bias. This
 is the best case of a QAT-time fold of gLN into the next convolution (the weights are not refolded, values are
 not checked). One 4 s mixture, 1 thread, median of {args.repeats} interleaved runs after 3 warm-ups;
-onnxruntime {ort.__version__}. Machine: {args.machine}.
+onnxruntime {ort.__version__}. Machine: {args.machine}; CPU: {describe_cpu()}.
 
 {chr(10).join(rows)}
 

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.int8_runtime import (add_run_arguments, cached_qat, dataset, export_float,  # noqa: E402
                                      measure_latency, measure_quality, profile_by_op, profile_shares,
                                      quantize_static_ptq, recipe_loss_settings, runtime_table)
+from fqss_plugin.export.saturation import cpu_class, describe_cpu  # noqa: E402
 from benchmarks.report import command_line, write_section  # noqa: E402
 
 RECIPES = ROOT / "recipes" / "LibriMix"
@@ -53,9 +54,9 @@ def sepformer():
     settings = {"lambda_kd": float(re.search(r"^lambda_kd:\s*([-\d.e]+)", text, re.M).group(1)),
                 "average": re.search(r"^loss_average:\s*(\w+)", text, re.M).group(1)}
 
-    def load(cached: Path, float_model):
+    def load(cached: Path, float_model, **config_overrides):
         import fqss_plugin as fq
-        model = prepare_waveform(copy.deepcopy(float_model), fq.QuantConfig.fqss())
+        model = prepare_waveform(copy.deepcopy(float_model), fq.QuantConfig.fqss(**config_overrides))
         model.load_state_dict(torch.load(cached, weights_only=True))
         return model
 
@@ -126,7 +127,7 @@ on the embedded `train-360`. Export: `to_onnx` ({exported.tagged_quantizers} tag
 loop); fp32 baseline: the float model through the same exporter, attention written with the same dynamic-shape ops,
 the same clean-up passes. PTQ, timing (one 4 s mixture, median of {args.repeats} interleaved runs after 3 warm-ups)
 and SI-SDRi ({len(test_set)} test mixtures) as in the ConvTasNet table; onnxruntime {ort.__version__}.
-Machine: {args.machine}.
+Machine: {args.machine}; CPU: {describe_cpu()}.
 
 {chr(10).join(runtime_table(latency, sizes, quality))}
 
@@ -149,7 +150,7 @@ What onnxruntime runs (optimized graph, loop bodies included):
     print(body)
     print(parity)
     if not args.no_write:
-        write_section(f"Int8 runtime, {name} (ONNX + onnxruntime)", body)
+        write_section(f"Int8 runtime, {name} (ONNX + onnxruntime), {cpu_class()}", body)
     return 0
 
 

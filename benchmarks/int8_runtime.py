@@ -36,6 +36,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fqss_plugin.export.saturation import cpu_class, describe_cpu  # noqa: E402
 from benchmarks.report import command_line, write_section  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "LibriMix" / "ConvTasNet"
@@ -73,14 +74,15 @@ def recipe_loss_settings(recipe: Path = RECIPE) -> dict:
     return {"lambda_kd": float(quant["lambda_kd"]), "average": quant.get("loss_average", "linear")}
 
 
-def qat(teacher, steps: int, calib_steps: int, seed: int = 0, prepare=None, loss_settings: dict | None = None):
+def qat(teacher, steps: int, calib_steps: int, seed: int = 0, prepare=None, loss_settings: dict | None = None,
+        **config_overrides):
     """Short FQSS QAT from the teacher as the recipe runs it: Adam 1e-4 (ranges at the config's
     quantizer_lr), the recipe's loss settings, batch 4 x 1 s; ``prepare(model, config)`` quantizes the copy
     (default: Asteroid's ``prepare_model``)."""
     import fqss_plugin as fq
     from fqss_plugin.asteroid import prepare_model
     torch.manual_seed(seed)
-    config = fq.QuantConfig.fqss(calib_steps=calib_steps)
+    config = fq.QuantConfig.fqss(calib_steps=calib_steps, **config_overrides)
     model = (prepare or prepare_model)(copy.deepcopy(teacher), config).train()
     loss = fq.FQSSLoss(**(loss_settings or recipe_loss_settings()))
     optimizer = torch.optim.Adam(fq.parameter_groups(model, config.quantizer_lr), lr=1e-4)
@@ -102,7 +104,8 @@ def qat(teacher, steps: int, calib_steps: int, seed: int = 0, prepare=None, loss
 
 
 def cached_qat(teacher: nn.Module, teacher_source: str, loss_settings: dict, qat_steps: int, calib_steps: int,
-               work: Path, retrain: bool, stem: str = "fqss_model", prepare=None, load=None) -> tuple[nn.Module, dict]:
+               work: Path, retrain: bool, stem: str = "fqss_model", prepare=None, load=None,
+               **config_overrides) -> tuple[nn.Module, dict]:
     """:func:`qat` (``prepare``: how to quantize, default Asteroid's), cached in ``work`` (``<stem>.pth`` and
     ``.json``, read back by ``load(path, teacher)``, default Asteroid's ``load_quantized_model``) and reused when
     made with the same settings; ``teacher`` gets the weights the cached model was distilled from."""
@@ -110,15 +113,16 @@ def cached_qat(teacher: nn.Module, teacher_source: str, loss_settings: dict, qat
     from fqss_plugin.asteroid import load_quantized_model, save_quantized_model
     cached, meta_path, teacher_path = work / f"{stem}.pth", work / f"{stem}.json", work / f"{stem}_teacher.pth"
     wanted = {"teacher": teacher_source, "qat_steps": qat_steps, "calib_steps": calib_steps,
-              **loss_settings, "config": fq.QuantConfig.fqss(calib_steps=calib_steps).to_dict()}
+              **loss_settings, "config": fq.QuantConfig.fqss(calib_steps=calib_steps, **config_overrides).to_dict()}
     wanted = json.loads(json.dumps(wanted))                            # as the cache stores it (lists, not tuples)
     previous = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if cached.is_file() and not retrain and all(previous.get(k) == v for k, v in wanted.items()):
-        model = load(cached, teacher) if load else load_quantized_model(cached)
+        model = load(cached, teacher, **config_overrides) if load else load_quantized_model(cached)
         model, qat_meta = model.eval(), previous
     else:                  # no cache, or one made with other settings (another fqss version, recipe loss, ...)
         start = time.time()
-        model, config = qat(teacher, qat_steps, calib_steps, prepare=prepare, loss_settings=loss_settings)
+        model, config = qat(teacher, qat_steps, calib_steps, prepare=prepare, loss_settings=loss_settings,
+                            **config_overrides)
         qat_meta = {**wanted, "qat_seconds": round(time.time() - start)}
         if load:
             torch.save(model.state_dict(), cached)
@@ -184,6 +188,11 @@ def quantize_static_ptq(float_path: Path, path: Path, mixtures: list[np.ndarray]
 
 
 def si_sdr_improvement(separate, test_set) -> float:
+    return float(np.mean(si_sdr_improvements(separate, test_set)))
+
+
+def si_sdr_improvements(separate, test_set) -> list[float]:
+    """PIT SI-SDR improvement of ``separate`` on each mixture of ``test_set``."""
     from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
     pit = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx")
     gains = []
@@ -192,7 +201,7 @@ def si_sdr_improvement(separate, test_set) -> float:
         sdr = -float(pit(estimate, sources[None]))
         base = -float(pit(mix[None, None].expand(1, 2, -1).contiguous(), sources[None]))
         gains.append(sdr - base)
-    return float(np.mean(gains))
+    return gains
 
 
 def profile_by_op(path: Path, mixture: np.ndarray, runs: int = 10) -> dict[str, float]:
@@ -331,12 +340,13 @@ def hub_stand_in() -> nn.Module:
     return model
 
 
-def calibrated_fqss(teacher: nn.Module, calib_steps: int) -> nn.Module:
+def calibrated_fqss(teacher: nn.Module, calib_steps: int, **config_overrides) -> nn.Module:
     """An FQSS-prepared copy of ``teacher``, calibrated on ``calib_steps`` batches of 4 x 1 s training
     mixtures (no QAT), in eval mode."""
     import fqss_plugin as fq
     from fqss_plugin.asteroid import prepare_model
-    model = prepare_model(copy.deepcopy(teacher), fq.QuantConfig.fqss(calib_steps=calib_steps)).train()
+    model = prepare_model(copy.deepcopy(teacher), fq.QuantConfig.fqss(calib_steps=calib_steps, **config_overrides))
+    model.train()
     train_set = dataset("train-360", 1.0)
     with torch.no_grad():
         for i in range(calib_steps):
@@ -397,7 +407,7 @@ too (`hub_stand_in`: a fresh model's are all 1 and 0, which the exporter would s
 FQSS-prepared copy is calibrated for {calib_steps} steps on batches of 4 x 1 s embedded training mixtures (no QAT:
 quality is not measured in this table; see the embedded model above for quality and parity). Same exporter, fp32
 clean-up (the same compaction passes: `passes.COMPACT`), PTQ settings, 4 s mixture and interleaved timing as above
-(median of {repeats} runs after 3 warm-ups); onnxruntime {ort.__version__}. Machine: {machine}.
+(median of {repeats} runs after 3 warm-ups); onnxruntime {ort.__version__}. Machine: {machine}; CPU: {describe_cpu()}.
 
 {chr(10).join(table)}
 
@@ -423,7 +433,7 @@ Goals (issue #7): int8 >= 2.5x faster than onnxruntime fp32 at 1 thread and >= 3
 """
     print(body)
     if not no_write:
-        write_section("Int8 runtime, hub-size ConvTasNet (speed and size)", body)
+        write_section(f"Int8 runtime, hub-size ConvTasNet (speed and size), {cpu_class()}", body)
     return 0
 
 
@@ -498,7 +508,7 @@ PTQ: `onnxruntime.quantization.quantize_static` (QDQ, per-channel int8 weights, 
 min/max over 8 x 4 s training mixtures) of that fp32 file.
 Latency: one 4 s mixture at 8 kHz, batch 1, median of {args.repeats} runs after 3 warm-ups, the five
 configurations interleaved round-robin; onnxruntime {ort.__version__} CPU provider, ORT_ENABLE_ALL,
-torch {torch.__version__}. Machine: {args.machine}.
+torch {torch.__version__}. Machine: {args.machine}; CPU: {describe_cpu()}.
 SI-SDRi: PIT SI-SDR improvement over the {len(test_set)} mixtures of the embedded test set.
 
 {chr(10).join(table)}
@@ -540,7 +550,7 @@ FQSS quality; better quality than `quantize_static` at equal or better speed.
     print(body)
     print(parity)
     if not args.no_write:
-        write_section("Int8 runtime (ONNX + onnxruntime)", body)
+        write_section(f"Int8 runtime (ONNX + onnxruntime), {cpu_class()}", body)
     return 0
 
 

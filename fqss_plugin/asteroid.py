@@ -18,7 +18,6 @@ Use :func:`prepare_model` (``prepare`` with the encoder/decoder names of Asteroi
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from asteroid.utils.hub_utils import cached_download
 from torch import nn
 from torch.torch_version import TorchVersion
 
+from .atomic import atomic_path
 from .loss import FQSSLoss
 from .quant import QuantConfig, calibration_step, freeze, prepare, register
 from .quant.layers import (NORM_INTERNALS, Add, Mul, OutputQuantized, QAdd, QMul, QuantizedLayer, QuantizedModule,
@@ -300,9 +300,6 @@ def save_quantized_model(model: nn.Module, path: str | Path, config: QuantConfig
 
 def atomic_save(obj, path: str | Path) -> Path:
     """``torch.save`` to a temporary file in the same directory, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)

@@ -62,6 +62,7 @@ from speechbrain.nnet.schedulers import ReduceLROnPlateau
 from speechbrain.utils import checkpoints as sb_checkpoints
 from speechbrain.utils.distributed import ddp_broadcast
 
+from .atomic import atomic_path
 from .loss import FQSSLoss
 from .quant import QuantConfig, calibration_step, parameter_groups, prepare, register
 from .quant.layers import (NORM_INTERNALS, Add, Mul, OutputQuantized, QAdd, QConvTranspose1d, QMul, QReLU,
@@ -795,9 +796,8 @@ pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for key, module in zip(MODULE_KEYS, (encoder, masknet, decoder)):
-        tmp = out / f"{key}.ckpt.tmp"
-        torch.save(module.state_dict(), tmp)
-        os.replace(tmp, out / f"{key}.ckpt")
+        with atomic_path(out / f"{key}.ckpt") as tmp:
+            torch.save(module.state_dict(), tmp)
     (out / "hyperparams.yaml").write_text(text)
     return out
 

@@ -196,7 +196,7 @@ def test_clear_errors(trained, tmp_path):
         to_onnx(fresh, tmp_path / "uncalibrated.onnx")
     with pytest.raises(ExportError, match="decoder must be"):
         to_onnx(trained[1], tmp_path / "x.onnx", decoder="fft")
-    with pytest.raises(ExportError, match="4-bit quantizer.*8-bit tensors only"):
+    with pytest.raises(ExportError, match="4-bit activation quantizer.*8-bit activations only"):
         to_onnx(prepare_model(tiny_convtasnet(), fq.QuantConfig.fqss(act_bits=4)), tmp_path / "4bit.onnx")
     from asteroid.models import DPTNet                  # overlap-add as pads and sums needs chunk = k * hop
     dptnet = prepare_model(tiny_dptnet(chunk_size=20, hop_size=7), fq.QuantConfig.fqss(calib_steps=1))
@@ -387,3 +387,76 @@ def test_unidirectional_multilayer_lstm_exports(tmp_path):
             assert torch.equal(export_view(model)(wav), expected)
         got = separator.separate(wav)
         assert 10 * np.log10(expected.pow(2).sum() / (expected - got).pow(2).sum()) > 40
+
+
+def test_export_never_loses_a_file_or_hides_nan(trained, tmp_path, capsys, monkeypatch):
+    """--out that is the checkpoint, an existing file or a directory: refused before any work, nothing touched;
+    a write that fails half-way leaves the earlier file whole; NaN weights are refused, not folded into integers."""
+    package = save_quantized_model(trained[1], tmp_path / "exp" / "best_model.pth", fq.QuantConfig.fqss(calib_steps=5))
+    before = package.read_bytes()
+    assert cli_main(["export", "--checkpoint", str(package), "--out", str(package)]) == 2
+    assert "is the checkpoint itself" in capsys.readouterr().err and package.read_bytes() == before
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"an earlier result")
+    assert cli_main(["export", "--checkpoint", str(package), "--out", str(out)]) == 2
+    assert "exists (pass --overwrite" in capsys.readouterr().err and out.read_bytes() == b"an earlier result"
+    assert cli_main(["export", "--checkpoint", str(package), "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+    def broken_save(model, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+    monkeypatch.setattr(onnx, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        to_onnx(trained[1], out)
+    assert out.read_bytes() == b"an earlier result" and sorted(p.name for p in tmp_path.iterdir()) == ["exp", "model.onnx"]
+    monkeypatch.undo()
+    assert cli_main(["export", "--checkpoint", str(package), "--out", str(out), "--overwrite"]) == 0
+    onnx.checker.check_model(onnx.load(str(out)))
+
+    broken = copy.deepcopy(trained[1])
+    with torch.no_grad():
+        next(p for n, p in broken.named_parameters() if n.endswith("weight")).fill_(float("nan"))
+    with pytest.raises(ExportError, match="NaN/Inf"):
+        to_onnx(broken, tmp_path / "nan.onnx")
+    assert not (tmp_path / "nan.onnx").exists()
+
+
+def test_separate_never_clobbers_and_refuses_bad_samples(exported, tmp_path, capsys):
+    """Outputs that would overwrite an input, each other or an earlier result are refused before any work; NaN
+    input, a too-short input and a file without a sample rate get one clear message."""
+    mix, _ = two_source_batch(1, 3000, torch.Generator().manual_seed(4))
+    first, second = tmp_path / "a" / "x.wav", tmp_path / "b" / "x.wav"
+    for path in (first, second):
+        path.parent.mkdir()
+        sf.write(path, mix[0].numpy(), SR, subtype="FLOAT")
+    inside = tmp_path / "a" / "x_s1.wav"
+    sf.write(inside, mix[0].numpy(), SR, subtype="FLOAT")
+    model = str(exported.path)
+    assert cli_main(["separate", "--model", model, str(first), str(inside), "--out-dir", str(tmp_path / "a")]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert cli_main(["separate", "--model", model, str(first), str(second), "--out-dir", str(tmp_path / "o")]) == 2
+    assert "would both write" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert cli_main(["separate", "--model", model, str(first), "--out-dir", str(tmp_path / "o")]) == 0
+    written = (tmp_path / "o" / "x_s1.wav").read_bytes()
+    assert cli_main(["separate", "--model", model, str(second), "--out-dir", str(tmp_path / "o")]) == 2
+    assert "exists (pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "o" / "x_s1.wav").read_bytes() == written
+    assert cli_main(["separate", "--model", model, str(second), "--out-dir", str(tmp_path / "o"), "--overwrite"]) == 0
+    nan = mix[0].numpy().copy()
+    nan[100:110] = np.nan
+    sf.write(tmp_path / "nan.wav", nan, SR, subtype="FLOAT")
+    sf.write(tmp_path / "short.wav", mix[0, :5].numpy(), SR, subtype="FLOAT")
+    for name, message in (("nan.wav", "10 NaN/Inf samples"), ("short.wav", "cannot run on these 5 samples")):
+        capsys.readouterr()
+        assert cli_main(["separate", "--model", model, str(tmp_path / name), "--out-dir", str(tmp_path / "n")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    bare = onnx.load(model)
+    del bare.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    assert cli_main(["separate", "--model", str(tmp_path / "bare.onnx"), str(first), "--out-dir", str(tmp_path / "m")]) == 2
+    assert "no sample_rate in its metadata" in capsys.readouterr().err
+    assert cli_main(["separate", "--model", str(tmp_path / "bare.onnx"), str(first), "--out-dir", str(tmp_path / "m"),
+                     "--sample-rate", str(SR)]) == 0

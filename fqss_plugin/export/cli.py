@@ -26,16 +26,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="take each gLN mean one axis at a time: accurate on long recordings, slower")
     parser.add_argument("--integer-softmax", action="store_true",
                         help="let onnxruntime run the attention softmax as QLinearSoftmax (slower on its CPU provider)")
+    parser.add_argument("--target", choices=("portable", "vnni"), default="portable",
+                        help="portable (default): the same output on every CPU (weights that could saturate the "
+                             "int16 pairs of x86 CPUs without VNNI are stored as uint8); vnni: int8 weights as "
+                             "trained, for CPUs with VNNI or ARM dot products only (refused elsewhere)")
     parser.add_argument("--report", action="store_true", help="print which ops onnxruntime runs in integer and in float")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def run(args: argparse.Namespace) -> int:
     from .export import to_onnx
     from .runtime import ort_op_report
+    out, checkpoint = Path(args.out), Path(args.checkpoint)
+    problem = ("is the checkpoint itself" if out.exists() and checkpoint.exists() and out.resolve() == checkpoint.resolve()
+               else "is a directory" if out.is_dir()
+               else "exists (pass --overwrite to replace it)" if out.exists() and not args.overwrite
+               else None)
+    if problem:
+        print(f"fqss export: error: --out {out} {problem}", file=sys.stderr)
+        return 2
     try:
         model = _load_quantized(args.checkpoint)
         result = to_onnx(model, args.out, decoder=args.decoder, staged_norm_means=args.staged_norm_means,
-                         integer_softmax=args.integer_softmax)
+                         integer_softmax=args.integer_softmax, target=args.target)
     except (ValueError, FileNotFoundError) as error:       # ExportError is a ValueError
         print(f"fqss export: error: {error}", file=sys.stderr)
         return 2
@@ -64,37 +77,74 @@ def add_separate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mixtures", nargs="+", help="mono wav files")
     parser.add_argument("--out-dir", required=True, help="directory for <name>_s<k>.wav")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace output files that exist")
+    parser.add_argument("--sample-rate", type=int, default=None,
+                        help="the model's sample rate, for an ONNX file without fqss metadata")
+
+
+def _output_plan(mixtures: list[str], out_dir: Path, n_src: int, overwrite: bool) -> list[list[Path]] | str:
+    """The output paths of each mixture, or why they cannot be written (checked before any work)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        return f"--out-dir {out_dir} is a file"
+    inputs = {Path(m).resolve(): m for m in mixtures}
+    plan, owner = [], {}
+    for name in mixtures:
+        paths = [out_dir / f"{Path(name).stem}_s{k}.wav" for k in range(1, n_src + 1)]
+        for path in paths:
+            key = path.resolve()
+            if key in inputs:
+                return f"{path} would overwrite the input {inputs[key]}; choose another --out-dir"
+            if key in owner:
+                return f"{owner[key]} and {name} would both write {path}; separate them into different --out-dir"
+            if path.exists() and not overwrite:
+                return f"{path} exists (pass --overwrite to replace it)"
+            owner[key] = name
+        plan.append(paths)
+    return plan
 
 
 def run_separate(args: argparse.Namespace) -> int:
     import numpy as np
     import soundfile as sf
 
+    from ..atomic import atomic_path
     from .runtime import OrtSeparator
+
+    def fail(message: str) -> int:
+        print(f"fqss separate: error: {message}", file=sys.stderr)
+        return 2
     try:
         separator = OrtSeparator(args.model, threads=args.threads)
     except (ValueError, FileNotFoundError) as error:
-        print(f"fqss separate: error: {error}", file=sys.stderr)
-        return 2
+        return fail(str(error))
+    rate_expected = separator.sample_rate or args.sample_rate
+    if rate_expected is None:
+        return fail(f"{args.model} has no sample_rate in its metadata (not written by `fqss export`); "
+                    "pass --sample-rate")
     out_dir = Path(args.out_dir)
+    plan = _output_plan(args.mixtures, out_dir, separator.n_src or 2, args.overwrite)
+    if isinstance(plan, str):
+        return fail(plan)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in args.mixtures:
+    for name, paths in zip(args.mixtures, plan):
         try:
             wav, rate = sf.read(name, dtype="float32", always_2d=True)
         except (RuntimeError, sf.LibsndfileError) as error:
-            print(f"fqss separate: error: {name}: unreadable audio ({error})", file=sys.stderr)
-            return 2
+            return fail(f"{name}: unreadable audio ({error})")
         if wav.shape[1] != 1:
-            print(f"fqss separate: error: {name}: {wav.shape[1]} channels, the model separates mono mixtures",
-                  file=sys.stderr)
-            return 2
-        if separator.sample_rate and rate != separator.sample_rate:
-            print(f"fqss separate: error: {name}: sample rate {rate} Hz, the model expects {separator.sample_rate} Hz",
-                  file=sys.stderr)
-            return 2
-        estimates = separator.separate(wav[:, 0])
-        for k, source in enumerate(estimates, start=1):
-            path = out_dir / f"{Path(name).stem}_s{k}.wav"
-            sf.write(path, np.asarray(source, np.float32), rate, subtype="FLOAT")
+            return fail(f"{name}: {wav.shape[1]} channels, the model separates mono mixtures")
+        if rate != rate_expected:
+            return fail(f"{name}: sample rate {rate} Hz, the model expects {rate_expected} Hz")
+        bad = int(np.size(wav) - np.isfinite(wav).sum())
+        if bad:
+            return fail(f"{name}: {bad} NaN/Inf samples; the peak normalisation would spread them over the output")
+        try:
+            estimates = separator.separate(wav[:, 0])
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types (e.g. input shorter than a kernel)
+            return fail(f"{name}: the model cannot run on these {len(wav)} samples ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0][:200] if str(error) else ''})")
+        for path, source in zip(paths, estimates):
+            with atomic_path(path) as tmp:
+                sf.write(tmp, np.asarray(source, np.float32), rate, subtype="FLOAT", format="WAV")
             print(path)
     return 0

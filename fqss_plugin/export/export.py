@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -11,7 +12,8 @@ import onnx
 import torch
 from torch import nn
 
-from . import passes
+from ..atomic import atomic_path
+from . import passes, saturation
 from .recurrent import expand_lstm_recurrences
 from .view import ExportError, WaveformSeparator, export_view, quantizer_calls
 
@@ -40,7 +42,7 @@ def load_export_settings(model: onnx.ModelProto) -> dict:
 
 def to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | None = None, *,
             decoder: str = "matmul", staged_norm_means: bool = False, integer_softmax: bool = False, opset: int = OPSET,
-            deploy: bool = True, sample_rate: int | None = None, metadata: dict | None = None) -> ExportResult:
+            target: str = saturation.PORTABLE, deploy: bool = True, sample_rate: int | None = None, metadata: dict | None = None) -> ExportResult:
     """Export a trained fqss separator to an int8 ONNX QDQ model that onnxruntime runs in integer.
 
     Steps: :func:`~fqss_plugin.freeze` on a copy (the model is not modified), the export view
@@ -63,8 +65,22 @@ def to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | No
         integer_softmax: let onnxruntime fuse the attention softmax into ``QLinearSoftmax`` (slower on its
             CPU provider, see :func:`~fqss_plugin.export.passes.keep_softmax_float`; for runtimes whose
             integer softmax pays off).
+        target: ``"portable"`` (default): the file gives the same output on every CPU. Its integer
+            Conv/MatMul ops are checked against the u8 x s8 int16 saturation of x86 CPUs without VNNI
+            (:mod:`~fqss_plugin.export.saturation`); the weights of an op that breaks the bound (8-bit
+            weights; a model trained with ``QuantConfig(weight_bits=7)`` has none) are stored as uint8,
+            which the kernels multiply without saturating, more slowly. ``"vnni"``: int8 weights as
+            trained, for CPUs with VNNI or int32 dot products (ARM); the file records it and
+            :class:`~fqss_plugin.export.OrtSeparator` refuses to run it on a CPU that would saturate.
         deploy: run the deploy passes (int8 initializers, int32 biases, LeakyRelu, requantization).
     """
+    if target not in saturation.TARGETS:
+        raise ExportError(f"target must be one of {', '.join(saturation.TARGETS)}, got {target!r}")
+    if isinstance(model, nn.Module):
+        for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ExportError(f"{name} holds NaN/Inf values (a diverged training?); an int8 file would hide them "
+                                  "as integers")
     sample_rate = sample_rate or _sample_rate(model)
     view = export_view(model, decoder=decoder, staged_norm_means=staged_norm_means)
     if example_input is None:
@@ -74,6 +90,9 @@ def to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | No
     if example_input.dim() != 2:
         raise ExportError(f"example_input must be [batch, time] or [time], got shape {tuple(example_input.shape)}")
     calls, out = quantizer_calls(view, example_input)
+    if not torch.isfinite(out).all():
+        raise ExportError(f"{type(model).__name__} returns NaN/Inf on the example input: its weights or quantizer "
+                          "steps hold non-finite values (a diverged training?); an int8 file would hide them")
     n_src = out.shape[1]
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -87,26 +106,49 @@ def to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | No
                               f"{str(error).splitlines()[0] if str(error) else ''}") from error
     onnx_model = onnx.load_from_string(buffer.getvalue())
     expand_lstm_recurrences(onnx_model)
+    passes.fold_constant_elementwise(onnx_model)          # narrow weight codes' clamps: weights are constants again
     notes = []
     tagged = _tag_activation_quantizers(onnx_model, calls)
     if tagged == 0:
         notes.append("activation QuantizeLinear nodes could not be matched to quantizer modules: "
                      "no per-quantizer parity report for this file")
     changes = passes.deploy(onnx_model, integer_softmax=integer_softmax) if deploy else {}
+    int8_target, changes["uint8_weights"] = _portability(onnx_model, target, notes)
     settings = {"decoder": decoder, "staged_norm_means": staged_norm_means}
     info = {"fqss_export": json.dumps(settings), "n_src": str(n_src), "producer": "fqss_plugin.export",
             "input": "mixture float32 [batch, time], raw waveform (any length)",
-            "output": "sources float32 [batch, n_src, time]", "integer_softmax": str(integer_softmax), **{k: str(v) for k, v in (metadata or {}).items()}}
+            "output": "sources float32 [batch, n_src, time]", "integer_softmax": str(integer_softmax),
+            saturation.METADATA_KEY: int8_target, **{k: str(v) for k, v in (metadata or {}).items()}}
     if sample_rate:
         info["sample_rate"] = str(int(sample_rate))
     onnx.helper.set_model_props(onnx_model, info)
     onnx_model.producer_name = "fqss"
     onnx.checker.check_model(onnx_model, full_check=True)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(onnx_model, str(path))
+    with atomic_path(path) as tmp:              # a kill during the write leaves an earlier file whole
+        onnx.save(onnx_model, str(tmp))
     return ExportResult(path, path.stat().st_size, n_src, int(sample_rate) if sample_rate else None, changes,
                         passes.tensor_bytes(onnx_model), tagged, notes)
+
+
+def _portability(model: onnx.ModelProto, target: str, notes: list[str]) -> tuple[str, int]:
+    """The file's ``int8_target`` and how many weight tensors were made uint8 to reach it."""
+    risks = saturation.saturation_risks(model)
+    if not risks:
+        return saturation.PORTABLE, 0
+    if target == saturation.VNNI:
+        notes.append(f"{len(risks)} integer ops can saturate in int16 on x86 CPUs without VNNI (first: {risks[0]}); "
+                     "the file is marked int8_target=vnni and is refused on such CPUs")
+        return saturation.VNNI, 0
+    converted = saturation.uint8_weights(model, risks)
+    passes.remove_dead(model)
+    left = saturation.saturation_risks(model)
+    if left:
+        raise ExportError(f"the portable int8 file still has {len(left)} saturating ops after the uint8 weights "
+                          f"(first: {left[0]})")
+    notes.append(f"{converted} weight tensors of 8-bit codes stored as uint8 (u8 x u8, exact on every CPU, slower "
+                 "than int8); train with QuantConfig(weight_bits=7) for int8 weights that are portable")
+    return saturation.PORTABLE, converted
 
 
 def _sample_rate(model: nn.Module) -> int | None:

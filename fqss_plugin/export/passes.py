@@ -109,6 +109,33 @@ def remove_identities(model: onnx.ModelProto) -> int:
     return removed
 
 
+CONSTANT_ELEMENTWISE = {"Max": np.maximum, "Min": np.minimum, "Mul": np.multiply, "Neg": np.negative}
+"""Ops on constants the TorchScript exporter leaves in the graph (its constant folding skips Max/Min): the
+clamp of weights onto a code range narrower than int8 (:class:`~fqss_plugin.quant.quantizers.FrozenWeightQuantizer`)."""
+
+
+def fold_constant_elementwise(model: onnx.ModelProto) -> int:
+    """``Max``/``Min``/``Mul``/``Neg`` of constants -> an initializer (numpy, float32 as the kernels compute)."""
+    graph, folded = Graph(model), 0
+    for node in list(graph.g.node):
+        if node.op_type not in CONSTANT_ELEMENTWISE:
+            continue
+        values = [graph.const(i) for i in node.input]
+        if any(v is None for v in values):
+            continue
+        result = values[0]
+        for value in values[1:]:
+            result = CONSTANT_ELEMENTWISE[node.op_type](result, value)
+        if len(values) == 1:
+            result = CONSTANT_ELEMENTWISE[node.op_type](result)
+        name = graph.add_init(np.asarray(result, dtype=values[0].dtype), node.output[0].split("/")[-1] + "_const")
+        graph.replace_uses(node.output[0], name)
+        graph.g.node.remove(node)
+        graph.refresh()
+        folded += 1
+    return folded
+
+
 def fold_weight_quantizers(model: onnx.ModelProto) -> int:
     """``QuantizeLinear(constant)`` -> int8/uint8 initializer (the DQ behind it stays)."""
     graph, folded = Graph(model), 0
@@ -519,7 +546,7 @@ COMPACT = (constants_to_initializers, dedupe_initializers, drop_default_attribut
 """The passes that only make the file smaller (same graph): also applied to the fp32 baseline in benchmarks."""
 
 
-PASSES = (remove_identities, fold_weight_quantizers, fold_constant_reshapes, fold_constant_transposes, quantize_biases,
+PASSES = (remove_identities, fold_constant_elementwise, fold_weight_quantizers, fold_constant_reshapes, fold_constant_transposes, quantize_biases,
           scalar_qparams,
           prelu_to_leakyrelu,
           requantize_before_integer_ops, drop_zero_points, remove_dead) + COMPACT

@@ -91,6 +91,7 @@ class OrtSeparator:
             raise ValueError(f"{path}: onnxruntime cannot load it ({type(error).__name__}: {error})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata = dict(meta)
+        _refuse_if_it_would_saturate(self.path, self.metadata)
         self.sample_rate = int(meta["sample_rate"]) if meta.get("sample_rate") else None
         self.n_src = int(meta["n_src"]) if meta.get("n_src") else None
         self.input_name = self.session.get_inputs()[0].name
@@ -113,6 +114,23 @@ class OrtSeparator:
         return torch.from_numpy(out).to(mixture.device) if is_torch else out
 
     __call__ = separate
+
+
+def _refuse_if_it_would_saturate(path: Path, metadata: dict) -> None:
+    """A file whose integer ops can saturate (:mod:`.saturation`) gives wrong output on this CPU if it has no
+    VNNI: refuse it with the reason, whatever its metadata says (files from other exporters included)."""
+    from . import saturation
+    if not saturation.cpu_saturates_u8s8():
+        return
+    risks = saturation.saturation_risks(onnx.load(str(path), load_external_data=False))
+    if risks:
+        target = metadata.get(saturation.METADATA_KEY)
+        raise ValueError(f"{path}: {len(risks)} integer ops of this file can saturate in int16 on this CPU "
+                         f"({saturation.describe_cpu()}; first: {risks[0]})"
+                         + (" (exported with int8_target=vnni)" if target == saturation.VNNI else "")
+                         + ", so onnxruntime would return wrong audio here. Export the model with the default "
+                         "target (`fqss export` without --target vnni: portable on every CPU), or run this file "
+                         "on a CPU with VNNI")
 
 
 # -- parity ---------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant.prepare import freeze
-from ..quant.quantizers import QUANTIZER_TYPES, FrozenActivationQuantizer
+from ..quant.quantizers import QUANTIZER_TYPES, FrozenActivationQuantizer, FrozenWeightQuantizer, WeightQuantizer
 from ..quant.signal_io import InputSplitter, OutputCombiner, SplitActivationQuantizer, grid_step, split_signal
 from .recurrent import export_lstms
 
@@ -262,8 +262,13 @@ def export_view(model: nn.Module, decoder: str = "conv", staged_norm_means: bool
 
 def _check_supported(model: nn.Module) -> None:
     for name, module in model.named_modules():
-        if isinstance(module, QUANTIZER_TYPES) and module.bits != 8:
-            raise ExportError(f"{name}: {module.bits}-bit quantizer; the ONNX QDQ export writes 8-bit tensors only")
+        if isinstance(module, (WeightQuantizer, FrozenWeightQuantizer)) and module.bits > 8:
+            raise ExportError(f"{name}: {module.bits}-bit weight quantizer; the ONNX QDQ export stores weights "
+                              "of at most 8 bits (int8)")
+        if isinstance(module, QUANTIZER_TYPES) and not isinstance(module, (WeightQuantizer, FrozenWeightQuantizer)) \
+                and module.bits != 8:
+            raise ExportError(f"{name}: {module.bits}-bit activation quantizer; the ONNX QDQ export writes 8-bit "
+                              "activations only")
 
 
 def _rewrite(model: nn.Module, decoder: str, staged_norm_means: bool) -> None:

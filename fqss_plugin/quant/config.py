@@ -9,7 +9,12 @@ class QuantConfig:
     """Quantization settings for :func:`fqss_plugin.prepare`.
 
     Attributes:
-        weight_bits: bits of every weight (symmetric, per output channel).
+        weight_bits: bits of every weight (symmetric, per output channel). 7 by default: weight codes in
+            ``-64..63`` keep every integer Conv/MatMul exact on x86 CPUs without VNNI, whose u8 x s8
+            kernels add pairs of products in a saturating int16 (``255 * (64 + 64) <= 32767``;
+            :mod:`fqss_plugin.export.saturation`). QAT learns under the constraint (measured cost:
+            none, BENCHMARKS.md "Int8 on every CPU"). 8: the full int8 range, which such CPUs get wrong
+            (exported as uint8 weights by default, or for VNNI CPUs only with ``to_onnx(target="vnni")``).
         act_bits: bits of every activation (asymmetric, per tensor).
         in_splits: number of ``act_bits`` signals the network input is split into
             (MSB + residuals, :class:`~fqss_plugin.quant.signal_io.InputSplitter`); 1 means a single
@@ -35,7 +40,7 @@ class QuantConfig:
         exclude: names of modules (as in ``named_modules``) to leave in float.
     """
 
-    weight_bits: int = 8
+    weight_bits: int = 7
     act_bits: int = 8
     in_splits: int = 2
     out_splits: int = 2
@@ -70,14 +75,15 @@ class QuantConfig:
 
     @classmethod
     def fqss(cls, **overrides) -> QuantConfig:
-        """The FQSS method: W8A8, input split into 2 x 8-bit signals, output from 2 x 8-bit outputs, and
+        """The FQSS method: 8-bit activations and weights (7-bit weight codes in int8, exact on every CPU), input split into 2 x 8-bit signals, output from 2 x 8-bit outputs, and
         (beyond the paper) the two operands of the mask product, the encoder's output, and the
         decoder's input, the product, on 2 x 8-bit tensors."""
         return cls(**{"in_splits": 2, "out_splits": 2, "decoder_in_splits": 2, "encoder_out_splits": 2, **overrides})
 
     @classmethod
     def vanilla(cls, **overrides) -> QuantConfig:
-        """Vanilla QAT baseline: W8A8 with a single 8-bit input and output quantizer."""
+        """Vanilla QAT baseline: 8-bit activations and weights (the same 7-bit weight codes) with a single 8-bit
+        input and output quantizer."""
         return cls(**{"in_splits": 1, "out_splits": 1, "normalize_input": False, **overrides})
 
     def to_dict(self) -> dict:

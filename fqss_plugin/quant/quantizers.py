@@ -267,8 +267,16 @@ class FrozenWeightQuantizer(nn.Module):
         return cls(quantizer.scale(), quantizer.axis, quantizer.bits)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.fake_quantize_per_channel_affine(w, self.scale, self.zero_point, self.axis,
-                                                     self.q_min, self.q_max)
+        q_min, q_max = self.q_min, self.q_max
+        if self.bits < 8:
+            # Codes narrower than int8 (7-bit: -64..63) are stored in int8: clamp w onto the narrow range,
+            # then the int8 fake-quant, the only signed range ONNX export accepts. Same codes, same values.
+            shape = [1] * w.dim()
+            shape[self.axis] = -1
+            step = self.scale.reshape(shape)
+            w = torch.minimum(torch.maximum(w, q_min * step), q_max * step)
+            q_min, q_max = -128, 127
+        return torch.fake_quantize_per_channel_affine(w, self.scale, self.zero_point, self.axis, q_min, q_max)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, axis={self.axis}, channels={self.scale.numel()}"
