@@ -78,6 +78,9 @@ def add_separate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", required=True, help="directory for <name>_s<k>.wav")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace output files that exist")
+    parser.add_argument("--chunk-seconds", type=float, default=30.0,
+                        help="separate longer recordings in chunks of this length, overlapping by 1 s (bounded "
+                             "memory; default 30); 0: in one piece")
     parser.add_argument("--sample-rate", type=int, default=None,
                         help="the model's sample rate, for an ONNX file without fqss metadata")
 
@@ -114,13 +117,14 @@ def run_separate(args: argparse.Namespace) -> int:
         print(f"fqss separate: error: {message}", file=sys.stderr)
         return 2
     try:
-        separator = OrtSeparator(args.model, threads=args.threads)
+        separator = OrtSeparator(args.model, threads=args.threads, chunk_seconds=args.chunk_seconds or None)
     except (ValueError, FileNotFoundError) as error:
         return fail(str(error))
     rate_expected = separator.sample_rate or args.sample_rate
     if rate_expected is None:
         return fail(f"{args.model} has no sample_rate in its metadata (not written by `fqss export`); "
                     "pass --sample-rate")
+    separator.sample_rate = rate_expected
     out_dir = Path(args.out_dir)
     plan = _output_plan(args.mixtures, out_dir, separator.n_src or 2, args.overwrite)
     if isinstance(plan, str):

@@ -12,6 +12,7 @@ import onnx
 import torch
 from onnx import helper
 
+from .chunks import separate_in_chunks
 from .passes import _all_nodes
 
 INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu",
@@ -76,10 +77,13 @@ class OrtSeparator:
 
     ``separate(mixture)`` takes a ``[time]``, ``[batch, time]`` or ``[batch, 1, time]`` waveform
     (numpy or torch, any length) and returns ``[n_src, time]`` / ``[batch, n_src, time]`` estimates
-    of the same type, as ``model(mixture)`` does for an Asteroid model.
+    of the same type, as ``model(mixture)`` does for an Asteroid model. Recordings longer than
+    ``chunk_seconds`` are separated in chunks overlapping by ``overlap_seconds`` (:mod:`.chunks`: bounded
+    memory, the same source order throughout); ``chunk_seconds=None``: always in one piece.
     """
 
-    def __init__(self, path: str | Path, threads: int = 1) -> None:
+    def __init__(self, path: str | Path, threads: int = 1, chunk_seconds: float | None = 30.0,
+                 overlap_seconds: float = 1.0) -> None:
         import onnxruntime as ort
         self.path = Path(path)
         if not self.path.is_file():
@@ -95,6 +99,7 @@ class OrtSeparator:
         self.sample_rate = int(meta["sample_rate"]) if meta.get("sample_rate") else None
         self.n_src = int(meta["n_src"]) if meta.get("n_src") else None
         self.input_name = self.session.get_inputs()[0].name
+        self.chunk_seconds, self.overlap_seconds = chunk_seconds, overlap_seconds
 
     def forward(self, mixture: np.ndarray) -> np.ndarray:
         """``[batch, time]`` float32 -> ``[batch, n_src, time]``."""
@@ -109,7 +114,12 @@ class OrtSeparator:
             wav = wav[:, 0]
         if wav.ndim not in (1, 2):
             raise ValueError(f"OrtSeparator: expected [time], [batch, time] or [batch, 1, time], got shape {wav.shape}")
-        out = self.forward(wav[None] if wav.ndim == 1 else wav)
+        batch = wav[None] if wav.ndim == 1 else wav
+        if self.chunk_seconds and self.sample_rate:          # bounded memory on long recordings (:mod:`.chunks`)
+            out = separate_in_chunks(self.forward, batch, round(self.chunk_seconds * self.sample_rate),
+                                     round(self.overlap_seconds * self.sample_rate))
+        else:
+            out = self.forward(batch)
         out = out[0] if wav.ndim == 1 else out
         return torch.from_numpy(out).to(mixture.device) if is_torch else out
 
