@@ -107,12 +107,7 @@ def saturation_risks(model: onnx.ModelProto) -> list[SaturationRisk]:
         for node in g.node:
             if node.op_type not in WEIGHT_INPUT:
                 continue
-            candidates = [(WEIGHT_INPUT[node.op_type], None)]
-            if node.op_type == "MatMul":
-                candidates.append((0, None))
-            for index, _ in candidates:
-                if index >= len(node.input):
-                    continue
+            for index in _weight_indices(node):
                 codes = _int8_weight_codes(node.input[index], producers, inits)
                 if codes is None or codes.ndim == 0:
                     continue
@@ -122,6 +117,12 @@ def saturation_risks(model: onnx.ModelProto) -> list[SaturationRisk]:
                     risks.append(SaturationRisk(node.name or node.output[0], node.op_type, worst,
                                                 ACTIVATION_CODE_MAX * worst))
     return risks
+
+
+def _weight_indices(node: onnx.NodeProto) -> list[int]:
+    """The inputs of ``node`` that may be constant weights (a MatMul's either operand)."""
+    indices = [WEIGHT_INPUT[node.op_type]] + ([0] if node.op_type == "MatMul" else [])
+    return [i for i in indices if i < len(node.input)]
 
 
 def _channel_axis(node: onnx.NodeProto, index: int, ndim: int) -> int:
@@ -153,8 +154,8 @@ def uint8_weights(model: onnx.ModelProto, risks: list[SaturationRisk]) -> int:
         for node in g.node:
             if (node.name or node.output[0]) not in names:
                 continue
-            for index in [WEIGHT_INPUT[node.op_type]] + ([0] if node.op_type == "MatMul" else []):
-                if index >= len(node.input) or _int8_weight_codes(node.input[index], producers, inits) is None:
+            for index in _weight_indices(node):
+                if _int8_weight_codes(node.input[index], producers, inits) is None:
                     continue
                 dq = producers.get(node.input[index])
                 if dq is None:
