@@ -1,4 +1,4 @@
-"""``fqss make-data {speech,music,merge-train}`` (also ``python -m fqss_plugin.data ...``).
+"""``fqss make-data {speech,music,merge-train,real-sources}`` (also ``python -m fqss_plugin.data ...``).
 
 ``add_arguments(parser)`` and ``run(args) -> int`` are the interface the ``fqss``
 dispatcher (:mod:`fqss_plugin.cli`) expects.  Bad input and missing tools end
@@ -16,8 +16,8 @@ from fqss_plugin.data.librimix import MIX_TYPES, MODES, SAMPLE_RATES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``speech``, ``music`` and ``merge-train`` sub-commands and their options to ``parser``."""
-    sub = parser.add_subparsers(dest="dataset", required=True, metavar="{speech,music,merge-train}")
+    """Add the ``speech``, ``music``, ``merge-train`` and ``real-sources`` sub-commands and their options."""
+    sub = parser.add_subparsers(dest="dataset", required=True, metavar="{speech,music,merge-train,real-sources}")
     jobs_default = os.cpu_count() or 1
 
     speech = sub.add_parser("speech", help="synthetic Libri2Mix (LibriMix layout and metadata)",
@@ -39,6 +39,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mixtures in each of dev, test, test-flite (default 10%% of train)")
     speech.add_argument("--no-cross-engine", action="store_false", dest="cross_engine",
                         help="skip the flite test-flite split (then flite is not needed)")
+    real = speech.add_argument_group(
+        "real speech", "mix real recordings with the synthetic voices: their speakers are split disjointly into "
+                       "train-360, dev and a real-only test-real split (seeded hash of the speaker name)")
+    real.add_argument("--real-speech", type=Path, default=None, metavar="DIR",
+                      help="folder of real recordings: <speaker>/<file>.wav|flac|ogg at any depth (the output of "
+                           "`fqss make-data real-sources`), or a flat folder named by --speaker-pattern")
+    real.add_argument("--speaker-pattern", default=None, metavar="REGEX",
+                      help="for files directly in DIR: regex whose first group is the speaker "
+                           r"(default '^([^_\-]+)')")
+    real.add_argument("--real-fraction", type=float, default=0.5,
+                      help="probability that a train-360 voice is a real speaker (default 0.5)")
+    real.add_argument("--real-dev-fraction", type=float, default=0.1,
+                      help="fraction of each source's speakers held out for dev (default 0.1)")
+    real.add_argument("--real-test-fraction", type=float, default=0.15,
+                      help="fraction of each source's speakers held out for test-real (default 0.15)")
+    real.add_argument("--real-test-mixtures", type=int, default=None,
+                      help="mixtures in test-real (default: as many as the other evaluation splits)")
+    augment = real.add_mutually_exclusive_group()
+    augment.add_argument("--augment", action="store_true", default=None,
+                         help="speed, pitch, EQ, room (RIR), level and noise variation of every train-360/dev "
+                              "voice (default: on with --real-speech, off without)")
+    augment.add_argument("--no-augment", action="store_false", dest="augment", help="no realism augmentation")
     _add_common(speech, jobs_default)
 
     music = sub.add_parser("music", help="toy MUSDB18-HQ (44.1 kHz stereo stems)",
@@ -61,6 +83,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     merge.add_argument("extras", type=Path, nargs="+", help="data/ folders whose train mixtures are added")
     merge.add_argument("--split", default="train-360", help="the split to merge (default train-360)")
 
+    sources = sub.add_parser(
+        "real-sources", help="extract real recorded speech into <source>/<speaker>/*.wav (for --real-speech)",
+        description="Extract recordings from fetched git directories (free-spoken-digit-dataset, Resemblyzer) "
+                    "and Debian packages (.deb files or unpacked trees: asterisk-core-sounds-*-wav, "
+                    "asterisk-prompt-it-menardi-wav, ktuberling-data, klettres-data) into "
+                    "OUT/<source>/<speaker>/<name>.wav, plus OUT/real_sources.csv. See SOURCES.md.")
+    sources.add_argument("--out", type=Path, required=True, help="output folder")
+    sources.add_argument("sources", type=Path, nargs="+", metavar="SOURCE",
+                         help="a fetched bare git directory, a .deb, or a folder holding an unpacked Debian tree")
+    sources.add_argument("--overwrite", action="store_true", help="replace earlier output in --out")
+
 
 def _add_common(parser: argparse.ArgumentParser, jobs_default: int) -> None:
     parser.add_argument("--jobs", type=int, default=jobs_default,
@@ -72,7 +105,12 @@ def _add_common(parser: argparse.ArgumentParser, jobs_default: int) -> None:
 def run(args: argparse.Namespace) -> int:
     """Generate the requested dataset and print its summary; 2 on a user-facing error."""
     try:
-        if args.dataset == "merge-train":
+        if args.dataset == "real-sources":
+            from fqss_plugin.data.real_sources import extract_real_sources, format_real_sources_summary
+
+            print(format_real_sources_summary(args.out, extract_real_sources(args.out, args.sources,
+                                                                             args.overwrite)))
+        elif args.dataset == "merge-train":
             from fqss_plugin.data.librimix import merge_train_metadata
 
             written = merge_train_metadata(args.out, args.base, args.extras, args.split)
@@ -87,7 +125,10 @@ def run(args: argparse.Namespace) -> int:
                 modes=tuple(dict.fromkeys(args.modes)), mix_types=tuple(dict.fromkeys(args.types)),
                 train_speakers=args.train_speakers, eval_speakers=args.eval_speakers,
                 eval_mixtures=args.eval_mixtures, cross_engine=args.cross_engine, jobs=args.jobs,
-                overwrite=args.overwrite, progress=not args.quiet)
+                overwrite=args.overwrite, progress=not args.quiet, real_speech=args.real_speech,
+                speaker_pattern=args.speaker_pattern, real_fraction=args.real_fraction,
+                real_dev_fraction=args.real_dev_fraction, real_test_fraction=args.real_test_fraction,
+                real_test_mixtures=args.real_test_mixtures, augment=args.augment)
             print(format_speech_summary(generate_speech(config)))
         else:
             from fqss_plugin.data.music import MusicConfig, generate_music
@@ -126,6 +167,10 @@ def format_speech_summary(summary: dict) -> str:
         gap = f0["pair_gap_semitones"]
         lines.append(f"  f0 gap within mixtures: median {gap['median']} semitones, "
                      f"{100 * gap['fraction_below_1']:.1f}% below 1 semitone")
+    if summary.get("augmented_splits"):
+        lines.append(f"  augmented (speed, pitch, EQ, room, level, noise): {', '.join(summary['augmented_splits'])}")
+    for split, names in summary.get("real_speakers", {}).items():
+        lines.append(f"  real speakers in {split} ({len(names)}): {' '.join(names)}")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@
     DIR/data/wav8k/min/<split>/mixture_<split>_<type>.csv     Asteroid's recipe-local metadata
     DIR/data/test_annotations.csv                             utt_id,text (Asteroid's eval.py)
     DIR/voices.csv                                            synthesis parameters + measured f0
+    DIR/real_speakers.csv                                     with --real-speech: real speakers and their split
     DIR/speech_summary.json                                   sizes, speeds, f0 statistics
 
 Splits (LibriSpeech subset -> Libri2Mix split): ``train-clean-360 -> train-360``,
@@ -23,6 +24,18 @@ recur).  The two speakers of a mixture always differ.  Utterances last about
 count through the voice's speaking rate), and mixtures in ``min`` mode about
 3.3 s on average, which sizes the train split from ``hours``.
 
+**Real speech** (``real_speech=DIR``, :mod:`fqss_plugin.data.real`): the real speakers of
+``DIR`` are split disjointly (seeded hash within each source) into train-360, dev and a
+real-only ``test-real`` split (``LibriSpeech/test-real``, ``Libri2Mix/.../test-real``, same layout
+and metadata as ``test``); in train-360 each voice of a mixture is real with probability
+``real_fraction``, dev deals its utterances over its synthetic and real speakers, and
+``test``/``test-flite`` stay synthetic.  Real speakers get ids from :data:`REAL_SPEAKER_ID_START`
+on (sorted by folder name) and are listed in ``DIR/real_speakers.csv``.  With ``augment``
+(default: on with ``real_speech``), train-360 and dev voices get speed, pitch, EQ, room and
+noise variation and wider loudness draws (:mod:`fqss_plugin.data.augment`); the evaluation
+splits are never augmented.  Without these options the output is byte-identical to the
+synthetic-only generator's.
+
 Everything random is drawn up front from ``numpy.random.default_rng(seed)`` in
 the main process, so the output is identical for a given seed whatever
 ``jobs`` is, and the wav8k and wav16k versions hold the same mixtures.
@@ -34,7 +47,7 @@ import json
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,12 +63,17 @@ from fqss_plugin.data.noise import synthesize_noise
 from fqss_plugin.data.output import directory_bytes, prepare_output_dir
 from fqss_plugin.data.parallel import parallel_map
 from fqss_plugin.data.pitch import median_f0
+from fqss_plugin.data.real import Excerpt, Recording, plan_real_utterance, render_real_utterance, scan_real_speech, \
+    speaker_group, split_speakers
 from fqss_plugin.data.text import SentenceGenerator, transcript
 from fqss_plugin.data.tools import require_tools
 from fqss_plugin.data.voices import Voice, sample_voices, write_espeak_data
 
-TRAIN, DEV, TEST, CROSS = "train-360", "dev", "test", "test-flite"
-LIBRISPEECH_SUBSET = {TRAIN: "train-clean-360", DEV: "dev-clean", TEST: "test-clean", CROSS: "test-flite"}
+TRAIN, DEV, TEST, CROSS, TEST_REAL = "train-360", "dev", "test", "test-flite", "test-real"
+LIBRISPEECH_SUBSET = {TRAIN: "train-clean-360", DEV: "dev-clean", TEST: "test-clean", CROSS: "test-flite",
+                      TEST_REAL: "test-real"}
+AUGMENTED_SPLITS = (TRAIN, DEV)
+REAL_SPEAKER_ID_START = 10000  # above SPEAKER_ID_RANGE: real and synthetic ids never collide
 UTTERANCE_SECONDS = (2.0, 6.0)
 MEAN_MIN_MIXTURE_SECONDS = 3.3
 EVAL_FRACTION = 0.1
@@ -69,7 +87,7 @@ TRIM_MARGIN_S = 0.1
 LEAD_S = 0.4
 WORDS_FACTOR = 1.18
 OVERSHOOT_WORDS = 2
-GENERATED = ("LibriSpeech", "Libri2Mix", "data", "voices.csv", "speech_summary.json")
+GENERATED = ("LibriSpeech", "Libri2Mix", "data", "voices.csv", "speech_summary.json", "real_speakers.csv")
 
 
 @dataclass(frozen=True)
@@ -89,6 +107,18 @@ class SpeechConfig:
     jobs: int = 1
     overwrite: bool = False
     progress: bool = True
+    real_speech: Path | None = None
+    speaker_pattern: str | None = None
+    real_fraction: float = 0.5
+    real_dev_fraction: float = 0.1
+    real_test_fraction: float = 0.15
+    real_test_mixtures: int | None = None
+    augment: bool | None = None
+
+    @property
+    def augmented(self) -> bool:
+        """Realism augmentation of train/dev voices: ``augment``, by default on exactly with ``real_speech``."""
+        return self.real_speech is not None if self.augment is None else self.augment
 
     def validate(self) -> None:
         """Raise :class:`DataGenerationError` naming the first bad parameter."""
@@ -107,6 +137,15 @@ class SpeechConfig:
             raise DataGenerationError(f"--eval-mixtures must be >= 1 (got {self.eval_mixtures})")
         if self.jobs < 1:
             raise DataGenerationError(f"--jobs must be >= 1 (got {self.jobs})")
+        if not 0 <= self.real_fraction <= 1:
+            raise DataGenerationError(f"--real-fraction must be in [0, 1] (got {self.real_fraction})")
+        if not (0 <= self.real_dev_fraction < 1 and 0 < self.real_test_fraction < 1
+                and self.real_dev_fraction + self.real_test_fraction < 1):
+            raise DataGenerationError("--real-dev-fraction and --real-test-fraction must be in [0, 1) with "
+                                      f"0 < test and dev + test < 1 (got {self.real_dev_fraction}, "
+                                      f"{self.real_test_fraction})")
+        if self.real_test_mixtures is not None and self.real_test_mixtures < 1:
+            raise DataGenerationError(f"--real-test-mixtures must be >= 1 (got {self.real_test_mixtures})")
 
     @property
     def train_mixtures(self) -> int:
@@ -120,13 +159,37 @@ class SpeechConfig:
 
 
 @dataclass(frozen=True)
+class RealVoice:
+    """A speaker of real recordings (``name``: its folder under ``--real-speech``), in :class:`Voice`'s shape."""
+
+    speaker_id: int
+    name: str
+    recordings: tuple[Recording, ...]
+    sex: str = "?"
+    engine: str = "real"
+    f0_target_hz: float = float("nan")
+    f0_range_hz: float = float("nan")
+    rate_wpm: float = float("nan")
+    formant_scale: tuple[float, ...] = ()
+    roughness: int = 0
+
+    @property
+    def base(self) -> str:
+        return self.name
+
+    def describe(self) -> str:
+        return f"real {self.name}"
+
+
+@dataclass(frozen=True)
 class Utterance:
-    """One synthesized sentence; ``utterance_id`` is LibriSpeech's ``<speaker>-<chapter>-<nnnn>``."""
+    """One synthesized sentence or real-speech excerpt list; ``utterance_id`` is ``<speaker>-<chapter>-<nnnn>``."""
 
     utterance_id: str
     split: str
-    voice: Voice
+    voice: Voice | RealVoice
     text: str
+    excerpts: tuple[Excerpt, ...] = ()
 
     @property
     def relative_path(self) -> Path:
@@ -143,6 +206,7 @@ class Mixture:
     speech_lufs: tuple[float, float]
     noise_lufs: float
     noise_seed: int
+    augment_seed: int | None = None
 
     @property
     def mixture_id(self) -> str:
@@ -174,6 +238,20 @@ class _SpeakerUtterances:
         words = max(3, round((seconds - LEAD_S) * WORDS_FACTOR * self.voice.rate_wpm / 60) - OVERSHOOT_WORDS)
         utterance = Utterance(f"{self.voice.speaker_id}-{self.chapter}-{self.count:04d}", self.split, self.voice,
                               sentences.sentence(words))
+        self.count += 1
+        self.made.append(utterance)
+        return utterance
+
+
+@dataclass
+class _RealSpeakerUtterances(_SpeakerUtterances):
+    """Hands out utterance ids and excerpt lists for one real speaker (``sentences`` unused)."""
+
+    def new(self, rng: np.random.Generator, sentences: SentenceGenerator) -> Utterance:
+        voice = self.voice
+        assert isinstance(voice, RealVoice)
+        utterance = Utterance(f"{voice.speaker_id}-{self.chapter}-{self.count:04d}", self.split, voice, "",
+                              plan_real_utterance(rng, list(voice.recordings)))
         self.count += 1
         self.made.append(utterance)
         return utterance
@@ -215,10 +293,61 @@ def _plan_eval(rng: np.random.Generator, speakers: list[_SpeakerUtterances], n_m
     return mixtures
 
 
+def _plan_train_mixed(rng: np.random.Generator, synthetic: list[_SpeakerUtterances], real: list[_SpeakerUtterances],
+                      n_mixtures: int, real_fraction: float, sentences: SentenceGenerator) -> list[Mixture]:
+    """Like :func:`_plan_train`, but each of the two slots is a real speaker with probability ``real_fraction``."""
+    pools = [pool for pool in (synthetic, real) if pool]
+    if sum(len(pool) for pool in pools) < 2:
+        raise DataGenerationError("train-360 needs at least two speakers")
+    mixtures = []
+    for _ in range(n_mixtures):
+        chosen: list[_SpeakerUtterances] = []
+        while len(chosen) < 2:
+            pool = real if real and (not synthetic or rng.random() < real_fraction) else synthetic
+            speaker = pool[int(rng.integers(len(pool)))]
+            if not chosen or speaker is not chosen[0]:
+                chosen.append(speaker)
+        pair = (chosen[0].new(rng, sentences), chosen[1].new(rng, sentences))
+        mixtures.append(Mixture(chosen[0].split, pair, *_levels(rng)))
+    return mixtures
+
+
+@dataclass(frozen=True)
+class _RealSpeakers:
+    """The real speakers of ``--real-speech`` and their split (see :func:`fqss_plugin.data.real.split_speakers`)."""
+
+    voices: dict[str, RealVoice]
+    split: dict[str, list[str]]  # train / dev / test -> speaker names
+
+
+def load_real_speakers(config: SpeechConfig) -> _RealSpeakers:
+    """Scan ``config.real_speech`` and split its speakers disjointly (ids by sorted name)."""
+    assert config.real_speech is not None
+    recordings = scan_real_speech(config.real_speech, config.speaker_pattern)
+    voices = {name: RealVoice(REAL_SPEAKER_ID_START + index, name, tuple(recordings[name]))
+              for index, name in enumerate(sorted(recordings))}
+    split = split_speakers(list(voices), config.seed, config.real_dev_fraction, config.real_test_fraction)
+    if len(split["test"]) < 2:
+        raise DataGenerationError(f"--real-speech {config.real_speech}: {len(voices)} usable speaker(s) give "
+                                  f"{len(split['test'])} test speaker(s); a test-real mixture needs two "
+                                  "(add speakers or raise --real-test-fraction)")
+    return _RealSpeakers(voices, split)
+
+
 def plan_speech(config: SpeechConfig) -> SpeechPlan:
-    """Draw voices, sentences, pairs and levels for every split (deterministic in ``config.seed``)."""
+    """Draw voices, sentences, pairs and levels for every split (deterministic in ``config.seed``).
+
+    Without ``real_speech`` and ``augment`` the draws are exactly those of the synthetic-only
+    generator.  With ``real_speech``, train-360 and dev also hold the real speakers of those
+    splits (:func:`_plan_train_mixed`; dev deals its utterances over synthetic and real
+    speakers alike), test and test-flite stay synthetic, and ``test-real`` mixes only the real
+    test speakers.  With augmentation, every train-360 and dev mixture gets an
+    augmentation seed and levels from the wider ranges of :mod:`fqss_plugin.data.augment`,
+    drawn from a second generator so that the rest of the plan is unchanged.
+    """
     rng = np.random.default_rng(config.seed)
     sentences = SentenceGenerator(rng)
+    real = load_real_speakers(config) if config.real_speech is not None else None
     n_train, n_eval = config.train_mixtures, config.mixtures_per_eval_split
     layout = [(TRAIN, "espeak-ng", min(config.train_speakers, 2 * n_train), n_train),
               (DEV, "espeak-ng", min(config.eval_speakers, n_eval + 1), n_eval),
@@ -226,7 +355,10 @@ def plan_speech(config: SpeechConfig) -> SpeechPlan:
     if config.cross_engine:
         layout.append((CROSS, "flite", min(config.eval_speakers, n_eval + 1), n_eval))
     ids = rng.choice(np.arange(*SPEAKER_ID_RANGE), size=sum(s for _, _, s, _ in layout), replace=False)
-    voices: dict[str, list[Voice]] = {}
+    if real is not None:
+        layout.append((TEST_REAL, "real", 0, config.real_test_mixtures or n_eval))
+    real_split = {TRAIN: "train", DEV: "dev", TEST_REAL: "test"}
+    voices: dict[str, list[Voice | RealVoice]] = {}
     utterances: list[Utterance] = []
     mixtures: list[Mixture] = []
     f0_checked: set[str] = set()
@@ -234,10 +366,19 @@ def plan_speech(config: SpeechConfig) -> SpeechPlan:
     for split, engine, n_speakers, n_mixtures in layout:
         split_ids = [int(i) for i in ids[start : start + n_speakers]]
         start += n_speakers
-        speakers = [_SpeakerUtterances(v, int(rng.integers(*CHAPTER_ID_RANGE)), split)
-                    for v in sample_voices(rng, split_ids, engine)]
-        plan_split = _plan_train if split == TRAIN else _plan_eval
-        split_mixtures = plan_split(rng, speakers, n_mixtures, sentences)
+        speakers: list[_SpeakerUtterances] = [_SpeakerUtterances(v, int(rng.integers(*CHAPTER_ID_RANGE)), split)
+                                              for v in sample_voices(rng, split_ids, engine)] if n_speakers else []
+        real_speakers: list[_SpeakerUtterances] = []
+        if real is not None and split in real_split:
+            real_speakers = [_RealSpeakerUtterances(real.voices[name], int(rng.integers(*CHAPTER_ID_RANGE)), split)
+                             for name in real.split[real_split[split]]]
+        if split == TRAIN:
+            split_mixtures = (_plan_train_mixed(rng, speakers, real_speakers, n_mixtures, config.real_fraction,
+                                                sentences)
+                              if real_speakers else _plan_train(rng, speakers, n_mixtures, sentences))
+        else:
+            split_mixtures = _plan_eval(rng, speakers + real_speakers, n_mixtures, sentences)
+        speakers += real_speakers
         used = {u.utterance_id for m in split_mixtures for u in m.utterances}
         voices[split] = []
         for speaker in speakers:
@@ -247,7 +388,24 @@ def plan_speech(config: SpeechConfig) -> SpeechPlan:
                 utterances += spoken
                 f0_checked.update(u.utterance_id for u in spoken[:F0_UTTERANCES_PER_SPEAKER])
         mixtures += split_mixtures
+    if config.augmented:
+        mixtures = _with_augmentation(mixtures, config.seed)
     return SpeechPlan(voices, utterances, mixtures, f0_checked)
+
+
+def _with_augmentation(mixtures: list[Mixture], seed: int) -> list[Mixture]:
+    """Give the train-360 and dev mixtures an augmentation seed and wider level draws (second generator)."""
+    from fqss_plugin.data.augment import AUGMENTED_NOISE_LUFS, AUGMENTED_SPEECH_LUFS
+
+    rng = np.random.default_rng([seed, 1])
+    augmented = []
+    for mixture in mixtures:
+        if mixture.split in AUGMENTED_SPLITS:
+            speech = (float(rng.uniform(*AUGMENTED_SPEECH_LUFS)), float(rng.uniform(*AUGMENTED_SPEECH_LUFS)))
+            mixture = replace(mixture, speech_lufs=speech, noise_lufs=float(rng.uniform(*AUGMENTED_NOISE_LUFS)),
+                              augment_seed=int(rng.integers(2**31)))
+        augmented.append(mixture)
+    return augmented
 
 
 def trim_silence(x: np.ndarray, sr: int) -> np.ndarray:
@@ -275,11 +433,14 @@ class _SynthesisResult:
 
 
 def _synthesize(task: _SynthesisTask) -> _SynthesisResult:
-    """Speak one utterance, trim it, resample to 16 kHz and write it as 16-bit FLAC."""
-    audio, sr = task.utterance.voice.synthesize(task.utterance.text, task.espeak_data)
-    audio = trim_silence(audio.astype(np.float64), sr)
-    divisor = math.gcd(sr, LIBRISPEECH_SR)
-    audio = resample_poly(audio, LIBRISPEECH_SR // divisor, sr // divisor)
+    """Speak one utterance (or join a real speaker's excerpts), trim it, resample to 16 kHz, write 16-bit FLAC."""
+    if task.utterance.excerpts:
+        audio = render_real_utterance(task.utterance.excerpts, LIBRISPEECH_SR)
+    else:
+        audio, sr = task.utterance.voice.synthesize(task.utterance.text, task.espeak_data)
+        audio = trim_silence(audio.astype(np.float64), sr)
+        divisor = math.gcd(sr, LIBRISPEECH_SR)
+        audio = resample_poly(audio, LIBRISPEECH_SR // divisor, sr // divisor)
     peak = np.max(np.abs(audio))
     if peak > 0.99:
         audio *= 0.99 / peak
@@ -302,6 +463,10 @@ def _mix(task: _MixTask) -> list[MixtureRows]:
     """Read the two utterances, draw the noise, and write the mixture at every rate and mode."""
     mixture = task.mixture
     utterances = [sf.read(task.librispeech / u.relative_path, dtype="float64")[0] for u in mixture.utterances]
+    if mixture.augment_seed is not None:
+        from fqss_plugin.data.augment import augment_voices
+
+        utterances = augment_voices(utterances, LIBRISPEECH_SR, mixture.augment_seed)
     noise = synthesize_noise(mixture.noise_seed, max(len(u) for u in utterances), LIBRISPEECH_SR)
     gains = librimix_gains(utterances, noise, mixture.speech_lufs, mixture.noise_lufs)
     rows = []
@@ -318,6 +483,8 @@ def _write_librispeech_text(root: Path, plan: SpeechPlan, results: dict[str, _Sy
     """``<spk>-<chapter>.trans.txt`` per chapter and ``SPEAKERS.TXT`` (LibriSpeech's formats)."""
     chapters: dict[Path, list[Utterance]] = {}
     for utterance in plan.utterances:
+        if utterance.excerpts:  # real speech: no transcript
+            continue
         chapters.setdefault(root / utterance.relative_path.parent, []).append(utterance)
     for folder, utterances in chapters.items():
         lines = sorted(f"{u.utterance_id} {transcript(u.text)}" for u in utterances)
@@ -379,10 +546,14 @@ def generate_speech(config: SpeechConfig) -> dict[str, object]:
     """Generate the synthetic Libri2Mix under ``config.out``; return (and save) the summary."""
     config.validate()
     require_tools("espeak-ng", *(("flite",) if config.cross_engine else ()))
+    if config.augmented:
+        from fqss_plugin.data.augment import require_room_simulator
+
+        require_room_simulator()
+    plan = plan_speech(config)  # reads --real-speech: its errors come before anything is written
     out = config.out.resolve()
     prepare_output_dir(out, GENERATED, config.overwrite)
     librispeech, librimix = out / "LibriSpeech", out / "Libri2Mix"
-    plan = plan_speech(config)
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fqss-espeak-") as scratch:
@@ -412,15 +583,36 @@ def generate_speech(config: SpeechConfig) -> dict[str, object]:
     _write_test_annotations(out / "data" / "test_annotations.csv", plan)
     voice_rows = _voice_table(plan, results)
     _write_rows(out / "voices.csv", voice_rows)
+    if config.real_speech is not None:
+        _write_rows(out / "real_speakers.csv", _real_speaker_table(plan, results))
 
     summary = _summary(config, plan, rows, synthesized, synthesis_s, mixing_s, voice_rows, out)
     (out / "speech_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
+def _real_speaker_table(plan: SpeechPlan, results: dict[str, _SynthesisResult]) -> list[dict[str, object]]:
+    """One row per real speaker used: id, folder name, source group, split, recordings, minutes."""
+    used: dict[int, list[_SynthesisResult]] = {}
+    for utterance in plan.utterances:
+        if utterance.excerpts:
+            used.setdefault(utterance.voice.speaker_id, []).append(results[utterance.utterance_id])
+    rows = []
+    for split, voices in plan.voices.items():
+        for v in voices:
+            if isinstance(v, RealVoice):
+                rows.append({"speaker_id": v.speaker_id, "name": v.name, "source": speaker_group(v.name) or "-",
+                             "split": split, "recordings": len(v.recordings),
+                             "minutes_available": round(sum(r.seconds for r in v.recordings) / 60, 2),
+                             "utterances": len(used.get(v.speaker_id, [])),
+                             "minutes_used": round(sum(r.seconds for r in used.get(v.speaker_id, [])) / 60, 2)})
+    return rows
+
+
 def _write_test_annotations(path: Path, plan: SpeechPlan) -> None:
     """``utt_id,text`` for the test utterances (what Asteroid's ``local/get_text.py`` writes)."""
-    rows = [{"utt_id": u.utterance_id, "text": transcript(u.text)} for u in plan.utterances if u.split in (TEST, CROSS)]
+    rows = [{"utt_id": u.utterance_id, "text": transcript(u.text)} for u in plan.utterances
+            if u.split in (TEST, CROSS) and not u.excerpts]
     _write_rows(path, rows, header=("utt_id", "text"))
 
 
@@ -469,4 +661,8 @@ def _summary(config: SpeechConfig, plan: SpeechPlan, rows: list[MixtureRows], sy
         "librispeech_disk": {"MB": round(librispeech_mb, 1),
                              "MB_per_hour_of_utterances": round(librispeech_mb / max(speech_hours, 1e-9), 1)},
         "f0": f0_statistics(voice_rows, plan.mixtures),
+        "augmented_splits": list(AUGMENTED_SPLITS) if config.augmented else [],
+        "real_speakers": {split: sorted(v.name for v in voices if isinstance(v, RealVoice))
+                          for split, voices in plan.voices.items()
+                          if any(isinstance(v, RealVoice) for v in voices)},
     }
