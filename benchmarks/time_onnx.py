@@ -26,6 +26,7 @@ def _saturation():
     """``fqss_plugin.export.saturation`` without importing the package (which needs torch and the toolkits)."""
     spec = importlib.util.spec_from_file_location("saturation", HERE.parent / "fqss_plugin" / "export" / "saturation.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module                   # its dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
 

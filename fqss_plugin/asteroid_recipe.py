@@ -307,7 +307,7 @@ def load_model(path: str | Path) -> nn.Module:
 def score_test_set(model: nn.Module, conf: dict, metrics: list[str] = METRICS, desc: str = "evaluating") -> list[dict]:
     """Asteroid's metrics (``get_metrics``, PIT-reordered estimates) for every test mixture."""
     model.eval()
-    test_set = make_dataset(conf, "test", None)
+    test_set = make_dataset(conf, conf["data"].get("test_split", "test"), None)
     loss = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx")
     rows = []
     for mix, sources, mixture_id in tqdm(test_set, desc=desc, disable=not conf["training"]["progress_bar"]):
@@ -326,7 +326,8 @@ def evaluate(conf: dict, model_path: str | Path | None = None, out_dir: str | Pa
     """
     exp_dir = Path(conf["main_args"]["exp_dir"])
     rows = score_test_set(load_model(model_path or exp_dir / "best_model.pth"), conf, metrics)
-    out = Path(out_dir or exp_dir / "eval")
+    split = conf["data"].get("test_split", "test")
+    out = Path(out_dir or exp_dir / ("eval" if split == "test" else f"eval_{split}"))
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "all_metrics.csv", "w") as handle:
         handle.write(",".join(rows[0]) + "\n")

@@ -187,3 +187,31 @@ def test_onnxruntime_on_an_emulated_cpu_without_vnni(w8_and_w7, files, tmp_path)
         snr[key] = snr_db(run_emulated(paths[key], [mix.numpy()])[0], reference)
     assert snr["w8_vnni"] < 35, snr                      # today's wrong output, reproduced on this machine
     assert snr["w8"] >= 40 and snr["w7"] >= 40, snr
+
+
+def test_uint8_weights_convert_codes_shared_by_several_ops_once():
+    """Two convs whose DequantizeLinear read one int8 initializer (merged duplicates): one uint8 copy, a valid graph
+    that computes the same values."""
+    codes = np.random.default_rng(0).integers(-128, 128, size=(4, 3, 1), dtype=np.int8)
+    codes[:, 0, 0] = 127
+    inits = [numpy_helper.from_array(codes, "w"), numpy_helper.from_array(np.full(4, 0.01, np.float32), "ws"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "xs"), numpy_helper.from_array(np.array(3, np.uint8), "xz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"])]
+    for k in (1, 2):
+        nodes += [helper.make_node("DequantizeLinear", ["w", "ws"], [f"w{k}"], axis=0),
+                  helper.make_node("Conv", ["xd", f"w{k}"], [f"y{k}"], name=f"conv{k}")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5])],
+                              [helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, [1, 4, 5]) for k in (1, 2)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(1).uniform(-0.05, 4, size=(1, 3, 5)).astype(np.float32)
+    import onnxruntime as ort
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    risks = saturation.saturation_risks(model)
+    assert [r.node for r in risks] == ["conv1", "conv2"]
+    assert saturation.uint8_weights(model, risks) == 2
+    onnx.checker.check_model(model, full_check=True)
+    assert sum(t.name.endswith("_u8") for t in model.graph.initializer) == 1 and not saturation.saturation_risks(model)
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for a, b in zip(before, after):
+        assert np.allclose(a, b, atol=1e-5)

@@ -168,9 +168,11 @@ def uint8_weights(model: onnx.ModelProto, risks: list[SaturationRisk]) -> int:
                 if zero is not None and np.any(zero):
                     raise ValueError(f"{dq.name or dq.output[0]}: int8 weights with a non-zero zero point")
                 owner, base = owners[dq.input[0]], dq.input[0]
-                owner.initializer.append(numpy_helper.from_array((codes.astype(np.int16) + 128).astype(np.uint8),
-                                                                 base + "_u8"))
-                owner.initializer.append(numpy_helper.from_array(np.full(scale.shape, 128, np.uint8), base + "_u8zp"))
+                if base + "_u8" not in inits:          # codes shared by several DQs are converted once
+                    for name, array in ((base + "_u8", (codes.astype(np.int16) + 128).astype(np.uint8)),
+                                        (base + "_u8zp", np.full(scale.shape, 128, np.uint8))):
+                        owner.initializer.append(numpy_helper.from_array(array, name))
+                        inits[name] = owner.initializer[-1]
                 scale_name = dq.input[1]
                 del dq.input[:]
                 dq.input.extend([base + "_u8", scale_name, base + "_u8zp"])
