@@ -1,8 +1,9 @@
 """Int8 on every CPU: the constructions that avoid the u8 x s8 int16 saturation of x86 CPUs without VNNI, side by side.
 
-For one recipe model (``--model convtasnet|dptnet|sepformer``, the shipped embedded float teacher), two short FQSS
-QATs with the same settings (``benchmarks/int8_runtime.py``'s ``cached_qat``), 8-bit and 7-bit weight codes, and
-these ONNX files:
+For one recipe model (``--model convtasnet|dptnet|sepformer``, the shipped embedded float teacher), three short
+FQSS QATs with the same settings (``benchmarks/int8_runtime.py``'s ``cached_qat``): 8-bit weight codes, 7-bit
+weight codes, and 7-bit activation codes (scored in torch only: the export writes 8-bit activations), and these
+ONNX files:
 
 * ``W8 int8`` -- 8-bit weight codes as int8 (``to_onnx(target="vnni")``): the file every x86 CPU without VNNI
   gets wrong;
@@ -36,8 +37,11 @@ from benchmarks.int8_runtime import (cached_qat, dataset, export_float, load_tea
 from benchmarks.report import command_line, write_section  # noqa: E402
 from fqss_plugin.demo import paired_delta  # noqa: E402
 
-VARIANTS = {"W8 int8 (`target=\"vnni\"`)": (8, "vnni"), "W8 uint8 weights (`to_onnx()` of a W8 model)": (8, "portable"),
-            "W7 int8 (`weight_bits=7`, `to_onnx()`)": (7, "portable")}
+QATS = {"W8": {"weight_bits": 8}, "W7": {"weight_bits": 7}, "W8A7": {"weight_bits": 8, "act_bits": 7}}
+"""The QAT runs: 8-bit weight codes, 7-bit weight codes, and 7-bit activation codes (the other construction that
+keeps u8 x s8 pairs within int16, ``127 x (127 + 127)``; torch only: the export writes 8-bit activations)."""
+VARIANTS = {"W8 int8 (`target=\"vnni\"`)": ("W8", "vnni"), "W8 uint8 weights (`to_onnx()` of a W8 model)": ("W8", "portable"),
+            "W7 int8 (`weight_bits=7`, `to_onnx()`)": ("W7", "portable")}
 
 
 def models():
@@ -67,11 +71,11 @@ def hub(args) -> int:
     teacher = hub_stand_in()
     paths = {"fp32": work / "fp32.onnx"}
     export_float(teacher, paths["fp32"])
-    for bits in (8, 7):
-        model = calibrated_fqss(teacher, args.calib_steps, weight_bits=bits)
-        for label, (b, target) in VARIANTS.items():
-            if b == bits:
-                paths[label] = work / f"w{bits}_{target}.onnx"
+    for name in ("W8", "W7"):
+        model = calibrated_fqss(teacher, args.calib_steps, **QATS[name])
+        for label, (qat, target) in VARIANTS.items():
+            if qat == name:
+                paths[label] = work / f"{name.lower()}_{target}.onnx"
                 to_onnx(model, paths[label], target=target)
     mixture = dataset("test", None)[0][0][None, :32000].numpy()
     sessions = {k: ort.InferenceSession(str(p), session_options(1), providers=["CPUExecutionProvider"])
@@ -128,20 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir / args.model
     work.mkdir(parents=True, exist_ok=True)
     qat_models, seconds = {}, {}
-    for bits in (8, 7):
-        qat_models[bits], meta = cached_qat(teacher, source, loss_settings, args.qat_steps, args.calib_steps, work,
-                                            args.retrain, stem=f"w{bits}", prepare=prepare, load=load,
-                                            weight_bits=bits)
-        seconds[bits] = meta.get("qat_seconds")
+    for name, overrides in QATS.items():
+        qat_models[name], meta = cached_qat(teacher, source, loss_settings, args.qat_steps, args.calib_steps, work,
+                                            args.retrain, stem=name.lower(), prepare=prepare, load=load, **overrides)
+        seconds[name] = meta.get("qat_seconds")
     test_set = dataset("test", None)
     if args.eval_mixtures:
         test_set = torch.utils.data.Subset(test_set, range(args.eval_mixtures))
     paths = {"fp32": work / "fp32.onnx"}
     export_float(teacher, paths["fp32"])
     risks = {}
-    for label, (bits, target) in VARIANTS.items():
-        paths[label] = work / f"w{bits}_{target}.onnx"
-        result = to_onnx(qat_models[bits], paths[label], target=target)
+    for label, (qat, target) in VARIANTS.items():
+        paths[label] = work / f"{qat.lower()}_{target}.onnx"
+        result = to_onnx(qat_models[qat], paths[label], target=target)
         risks[label] = len(saturation_risks(onnx.load(str(paths[label]))))
         print(label, result.bytes, result.notes, flush=True)
 
@@ -151,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     latency = time_interleaved({k: (lambda s=s: s.run(None, {"mixture": mixture.numpy()})) for k, s in sessions.items()},
                                args.repeats)
     with torch.no_grad():
-        scores = {"float": si_sdr_improvements(lambda x: teacher(x).numpy(), test_set),
-                  "fake-quant W8": si_sdr_improvements(lambda x: qat_models[8](x).numpy(), test_set),
-                  "fake-quant W7": si_sdr_improvements(lambda x: qat_models[7](x).numpy(), test_set)}
+        scores = {"float": si_sdr_improvements(lambda x: teacher(x).numpy(), test_set)}
+        for name, model in qat_models.items():
+            scores[f"fake-quant {name}"] = si_sdr_improvements(lambda x, model=model: model(x).numpy(), test_set)
     for label in VARIANTS:
         scores[label] = si_sdr_improvements(OrtSeparator(paths[label]).separate, test_set)
     print({k: float(np.mean(v)) for k, v in scores.items()}, flush=True)
@@ -161,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     subset = [test_set[k] for k in range(min(args.emulated_mixtures, len(test_set)))]
     mixtures = [mix[None].numpy() for mix, _ in subset]
     parity, subset_scores = {}, {}
-    for label, (bits, _) in VARIANTS.items():
+    for label, (qat, _) in VARIANTS.items():
         with torch.no_grad():
-            reference = [WaveformOf(qat_models[bits])(torch.from_numpy(m)).numpy() for m in mixtures]
+            reference = [WaveformOf(qat_models[qat])(torch.from_numpy(m)).numpy() for m in mixtures]
         native = [sessions[label].run(None, {"mixture": m})[0] for m in mixtures]
         emulated = run_emulated(paths[label], mixtures)
         parity[label] = (min(snr_db(o, r) for o, r in zip(native, reference)),
@@ -178,24 +181,26 @@ def main(argv: list[str] | None = None) -> int:
             f"output SNR vs torch, this CPU / emulated no-VNNI (worst of {len(mixtures)}) | SI-SDRi of those {len(mixtures)}, "
             "this CPU / emulated | latency 1 thread (ms) | vs ORT fp32 |", "|---|---|---|---|---|---|---|---|---|---|"]
     rows.append(f"| float (torch) | - | - | - | {np.mean(scores['float']):.3f} | - | - | - | - | - |")
-    for bits in (8, 7):
-        delta, ci = paired_delta(scores[f"fake-quant W{bits}"], scores["float"])
-        rows.append(f"| torch fake-quant W{bits} (QAT {seconds[bits]} s) | - | - | - | "
-                    f"{np.mean(scores[f'fake-quant W{bits}']):.3f} | {delta:+.3f} ± {ci:.3f} | reference | {np.mean(scores[f'fake-quant W{bits}'][:len(subset)]):.3f} | - | - |")
+    for name in QATS:
+        delta, ci = paired_delta(scores[f"fake-quant {name}"], scores["float"])
+        rows.append(f"| torch fake-quant {name} (QAT {seconds[name]} s) | - | - | - | "
+                    f"{np.mean(scores[f'fake-quant {name}']):.3f} | {delta:+.3f} ± {ci:.3f} | "
+                    f"{'reference' if name in ('W8', 'W7') else '-'} | "
+                    f"{np.mean(scores[f'fake-quant {name}'][:len(subset)]):.3f} | - | - |")
     rows.append(f"| ORT fp32 | float32 | - | {sizes['fp32']:,} B | - | - | - | - | {latency['fp32']:.1f} | 1.00x |")
-    for label, (bits, target) in VARIANTS.items():
+    for label, (qat, target) in VARIANTS.items():
         delta, ci = paired_delta(scores[label], scores["float"])
-        weights = "int8, codes -128..127" if bits == 8 and target == "vnni" else \
-            "uint8 (zero point 128)" if bits == 8 else "int8, codes -64..63"
+        weights = "int8, codes -128..127" if qat == "W8" and target == "vnni" else \
+            "uint8 (zero point 128)" if qat == "W8" else "int8, codes -64..63"
         rows.append(f"| {label} | {weights} | {risks[label]} | {sizes[label]:,} B | {np.mean(scores[label]):.3f} | "
                     f"{delta:+.3f} ± {ci:.3f} | {parity[label][0]:.1f} / **{parity[label][1]:.1f}** dB | "
                     f"{subset_scores[label, 'native']:.3f} / **{subset_scores[label, 'emulated']:.3f}** | "
                     f"{latency[label]:.1f} | {latency['fp32'] / latency[label]:.2f}x |")
     body = f"""Command: `{command_line()}`
 
-{title}: the shipped embedded float teacher ({source}); two FQSS QATs of {args.qat_steps} steps
-({args.calib_steps} calibrating, the recipe's loss settings, batch 4 x 1 s, same seed), one with 8-bit and one with
-7-bit weight codes. SI-SDRi over the {len(test_set)} mixtures of the embedded test set. Output SNR against the
+{title}: the shipped embedded float teacher ({source}); three FQSS QATs of {args.qat_steps} steps
+({args.calib_steps} calibrating, the recipe's loss settings, batch 4 x 1 s, same seed): 8-bit weight codes (W8), 7-bit
+weight codes (W7), and 8-bit weights with 7-bit activation codes (W8A7, torch only). SI-SDRi over the {len(test_set)} mixtures of the embedded test set. Output SNR against the
 torch fake-quant model of the same QAT, on whole test mixtures, with onnxruntime {ort.__version__} on this CPU and
 under `qemu-x86_64 -cpu {EMULATED_CPU}` (AVX2 + FMA, no AVX-512, no VNNI: onnxruntime takes its saturating
 u8 x s8 kernels there, as on an AMD Zen 2). Latency: one 4 s mixture, batch 1, median of {args.repeats} interleaved
