@@ -342,8 +342,15 @@ def test_sepformer_package_exports_and_runs_any_length(tmp_path, capsys):
     package = save_pretrained_separator(tmp_path / "pkg", {"encoder": model.encoder, "masknet": model.masknet,
                                                            "decoder": model.decoder}, config, sample_rate=SR)
     out = tmp_path / "sepformer.onnx"
-    assert cli_main(["export", "--checkpoint", str(package), "--out", str(out)]) == 0
+    assert cli_main(["export", "--checkpoint", str(package), "--out", str(out)]) == 2      # runs its yaml: trust it
+    assert "--trust-package" in capsys.readouterr().err and not out.exists()
+    assert cli_main(["export", "--checkpoint", str(package), "--out", str(out), "--trust-package"]) == 0
     assert "2 sources at 8000 Hz" in capsys.readouterr().out
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    (hostile / "hyperparams.yaml").write_text(f"pwn: !apply:pathlib.Path.touch [{tmp_path / 'pwned'}]\n")
+    assert cli_main(["export", "--checkpoint", str(hostile), "--out", str(tmp_path / "h.onnx")]) == 2
+    assert not (tmp_path / "pwned").exists()                # nothing of an untrusted package ran
     mix, sources = two_source_batch(2, 6000, torch.Generator().manual_seed(123))
     with torch.no_grad():
         reference = fq.freeze(copy.deepcopy(model))(mix)

@@ -143,6 +143,24 @@ def test_calibration_counts_optimizer_steps_not_forward_calls():
     assert quantizer.log_scale.grad is not None
 
 
+def test_a_training_loop_that_never_ends_calibration_steps_is_warned(recwarn):
+    """A loop without calibration_step (a stock SpeechBrain Brain with fqss's hparams lines) would train with ranges
+    that never commit: the quantizer says so once, and a loop that does call it hears nothing."""
+    import pytest
+    quantizer = ActivationQuantizer(bits=8, calib_steps=10).train()
+    for _ in range(ActivationQuantizer.UNCOMMITTED_WARNING - 1):
+        quantizer(torch.randn(16))
+    assert not [w for w in recwarn if "calibration_step" in str(w.message)]
+    with pytest.warns(UserWarning, match="no optimizer step has ended its calibration: call fqss_plugin.calibration_step"):
+        quantizer(torch.randn(16))
+    committed = ActivationQuantizer(bits=8, calib_steps=10 ** 6).train()
+    recwarn.clear()
+    for _ in range(2 * ActivationQuantizer.UNCOMMITTED_WARNING):
+        committed(torch.randn(16))
+        committed.end_calibration_step()
+    assert not [w for w in recwarn if "calibration_step" in str(w.message)]
+
+
 def test_eval_mode_does_not_calibrate_an_initialised_quantizer():
     quantizer = ActivationQuantizer(bits=8, calib_steps=10)
     quantizer(torch.randn(100))

@@ -231,6 +231,13 @@ def test_bad_inputs_name_the_file_or_parameter(recipe, data, tmp_path):
         recipe.main(args("sepformer-embedded-fqss.yaml", data, tmp_path / "c", "--pretrained_path", str(wrong)))
     with pytest.raises(FileNotFoundError, match="nope.yaml: no such hparams file"):
         recipe.main([str(tmp_path / "nope.yaml")])
+    with pytest.raises(ValueError, match="precision: bf16: fqss QAT runs in fp32 only"):
+        recipe.main(args("sepformer-embedded-fqss.yaml", data, tmp_path / "d", "--precision", "bf16"))
+    finished = tmp_path / "finished"
+    (finished / "pretrained").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="--debug would overwrite the finished run in .*finished"):
+        recipe.main(args("sepformer-embedded-float.yaml", data, finished, "--debug"))
+    assert [p for p in finished.rglob("*") if p.is_file()] == []          # no file written (the yaml makes save/)
 
 
 def test_the_shipped_embedded_teacher_loads_with_the_stock_inference_class_and_separates(data, tmp_path):

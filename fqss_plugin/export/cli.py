@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "trained, for CPUs with VNNI or ARM dot products only (refused elsewhere)")
     parser.add_argument("--report", action="store_true", help="print which ops onnxruntime runs in integer and in float")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--trust-package", action="store_true",
+                        help="load a SpeechBrain package directory: its hyperparams.yaml is executed (hyperpyyaml "
+                             "can run any Python), so only for packages you trust")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
                else None)
     if problem:
         print(f"fqss export: error: --out {out} {problem}", file=sys.stderr)
+        return 2
+    if (checkpoint / "hyperparams.yaml").is_file() and not args.trust_package:
+        print(f"fqss export: error: {checkpoint / 'hyperparams.yaml'}: loading a SpeechBrain package executes this "
+              "file (hyperpyyaml's !apply/!new/!name tags run Python); pass --trust-package if you trust it",
+              file=sys.stderr)
         return 2
     try:
         model = _load_quantized(args.checkpoint)

@@ -19,6 +19,7 @@ buffers, hence in ``state_dict``: resuming from a checkpoint never re-calibrates
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -104,9 +105,20 @@ class ActivationQuantizer(nn.Module):
         return (m * self.running_min + (1 - m) * self.pending_min,
                 m * self.running_max + (1 - m) * self.pending_max)
 
+    UNCOMMITTED_WARNING = 500
+    """Batches a calibrating quantizer observes without any optimizer step committing them before it warns (a
+    training loop that never calls :func:`~fqss_plugin.quant.calibration.calibration_step`)."""
+
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Fold one batch into this step's range and move the quantization range accordingly."""
+        if self.training:
+            self._uncommitted = getattr(self, "_uncommitted", 0) + 1
+            if self._uncommitted == self.UNCOMMITTED_WARNING and int(self.steps_observed) == 0:
+                warnings.warn(f"an ActivationQuantizer has observed {self._uncommitted} training batches and no "
+                              "optimizer step has ended its calibration: call fqss_plugin.calibration_step(model) "
+                              "after each optimizer step (or attach_calibration(optimizer, model)); a SpeechBrain "
+                              "recipe needs the FQSSSeparation Brain", stacklevel=2)
         low, high = self._batch_range(x.detach().float())
         if bool(self.has_pending):
             low, high = torch.minimum(low, self.pending_min), torch.maximum(high, self.pending_max)
@@ -125,6 +137,7 @@ class ActivationQuantizer(nn.Module):
         for buffer in (self.running_max, self.pending_max):
             buffer.copy_(high)
         self.has_pending.fill_(False)
+        self._uncommitted = 0
         self.steps_observed += 1
         self.set_range(low, high)
 

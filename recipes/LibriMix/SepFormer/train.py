@@ -19,6 +19,7 @@ Outputs in ``results/<experiment_name>/<seed>/``: ``train_log.txt``, ``log.txt``
 ``pretrained/`` (an inference package for ``SepformerSeparation.from_hparams``).
 """
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -73,6 +74,27 @@ def check_pretrained_source(source: str) -> None:
                                 f"speechbrain/sepformer-libri2mix)")
 
 
+def check_precision(hparams: dict, run_opts: dict) -> None:
+    """QAT needs fp32: under fp16/bf16 autocast the quantizers would put rounded values on their grids (measured
+    31 dB away from fp32). A float run on CPU takes bf16 for fp16 (CPUs have no fp16 autocast), with a warning."""
+    precision = run_opts.get("precision") or hparams.get("precision", "fp32")
+    if precision != "fp32" and "quant" in hparams:
+        raise ValueError(f"precision: {precision}: fqss QAT runs in fp32 only (set `precision: fp32` or pass "
+                         "--precision fp32)")
+    if run_opts.get("device") == "cpu" and precision == "fp16":
+        warnings.warn("precision fp16 on CPU: running bf16 autocast instead", stacklevel=2)
+        hparams["precision"] = "bf16"
+
+
+def check_debug_keeps_finished_run(hparams: dict, run_opts: dict) -> None:
+    """``--debug`` shares ``output_folder`` with the real run: refuse it there once that run has written results."""
+    out = Path(hparams["output_folder"])
+    finished = [p for p in (out / "test_results.csv", out / "pretrained") if p.exists()]
+    if run_opts.get("debug") and finished:
+        raise FileExistsError(f"--debug would overwrite the finished run in {out} ({finished[0].name}); pass "
+                              "--output_folder <another folder> for the debug run")
+
+
 def main(argv=None):
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:] if argv is None else argv)
     if not Path(hparams_file).is_file():
@@ -80,11 +102,11 @@ def main(argv=None):
     with open(hparams_file, encoding="utf-8") as fin:
         hparams = load_hyperpyyaml(fin, overrides)
 
+    check_precision(hparams, run_opts)
+    check_debug_keeps_finished_run(hparams, run_opts)
     sb.utils.distributed.ddp_init_group(run_opts)
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
                                    hyperparams_to_save=hparams_file, overrides=overrides)
-    if run_opts.get("device") == "cpu" and hparams.get("precision") == "fp16":
-        hparams["precision"] = "bf16"
 
     run_on_main(prepare_librimix, kwargs={"datapath": hparams["data_folder"], "savepath": hparams["save_folder"],
                                           "n_spks": hparams["num_spks"], "skip_prep": hparams["skip_prep"],
