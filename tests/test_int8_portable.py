@@ -215,3 +215,23 @@ def test_uint8_weights_convert_codes_shared_by_several_ops_once():
     after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     for a, b in zip(before, after):
         assert np.allclose(a, b, atol=1e-5)
+
+
+def test_four_bit_weights_learn_and_export_in_int8(tmp_path):
+    """Weights below 8 bits: a 4-bit QAT keeps its codes in -8..7 in the exported int8 file, bit-identical to torch."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        prepare = lambda m, c: prepare_model(m, fq.QuantConfig.fqss(calib_steps=5, weight_bits=4))
+        _, model = qat_from(tiny_convtasnet(), 150, 40, torch.Generator().manual_seed(4), prepare)
+    finally:
+        torch.set_num_threads(threads)
+    path = to_onnx(model, tmp_path / "w4.onnx").path
+    codes = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
+    int8 = [c for c in codes if c.dtype == np.int8 and c.size > 1]
+    assert int8 and all(c.min() >= -8 and c.max() <= 7 for c in int8)
+    mix, _ = two_source_batch(2, 4003, torch.Generator().manual_seed(5))
+    from fqss_plugin.export import parity_report
+    report = parity_report(model, path, mix)
+    assert report.snr_db >= 40 and report.worst_local_beyond_1lsb == 0, str(report)
