@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.int8_runtime import (cached_qat, dataset, export_float, load_teacher, recipe_loss_settings,  # noqa: E402
                                      si_sdr_improvements, time_interleaved)
-from benchmarks.report import command_line, write_section  # noqa: E402
+from benchmarks.report import command_line, publish  # noqa: E402
 from fqss_plugin.demo import paired_delta  # noqa: E402
 
 QATS = {"W8": {"weight_bits": 8}, "W7": {"weight_bits": 7}, "W8A7": {"weight_bits": 8, "act_bits": 7}}
@@ -95,9 +95,7 @@ This CPU: {describe_cpu()}; {args.machine}.
 
 {chr(10).join(rows)}
 """
-    print(body)
-    if not args.no_write:
-        write_section(f"Int8 on every CPU: hub-size ConvTasNet latency, {cpu_class()}", body)
+    publish(f"Int8 on every CPU: hub-size ConvTasNet latency, {cpu_class()}", body, not args.no_write)
     return 0
 
 
@@ -209,9 +207,7 @@ This CPU: {describe_cpu()}; {args.machine}.
 
 {chr(10).join(rows)}
 """
-    print(body)
-    if not args.no_write:
-        write_section(f"Int8 on every CPU: {title}, {cpu_class()}", body)
+    publish(f"Int8 on every CPU: {title}, {cpu_class()}", body, not args.no_write)
     return 0
 
 

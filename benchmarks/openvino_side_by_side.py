@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.int8_runtime import dataset, time_interleaved  # noqa: E402
-from benchmarks.report import command_line, repo_path, write_section  # noqa: E402
+from benchmarks.report import command_line, publish, repo_path  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,9 +77,7 @@ This CPU: {describe_cpu()}; {args.machine}.
 
 {chr(10).join(rows)}
 """
-    print(body)
-    if not args.no_write:
-        write_section(f"OpenVINO beside onnxruntime ({args.folder.name})", body)
+    publish(f"OpenVINO beside onnxruntime ({args.folder.name})", body, not args.no_write)
     return 0
 
 

@@ -31,3 +31,10 @@ def write_section(title: str, body: str) -> None:
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     BENCHMARKS.write_text(text.rstrip() + "\n")
+
+
+def publish(title: str, body: str, write: bool = True) -> None:
+    """Print a benchmark's section and (unless ``write`` is False, i.e. ``--no-write``) put it in BENCHMARKS.md."""
+    print(body)
+    if write:
+        write_section(title, body)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.int8_runtime import (cached_qat, dataset, load_teacher, recipe_loss_settings,  # noqa: E402
                                      si_sdr_improvements)
-from benchmarks.report import command_line, write_section  # noqa: E402
+from benchmarks.report import command_line, publish  # noqa: E402
 from fqss_plugin.demo import paired_delta  # noqa: E402
 
 
@@ -69,9 +69,7 @@ loss settings, batch 4 x 1 s, same seed) per weight width; activations stay 8-bi
 
 {chr(10).join(rows)}
 """
-    print(body)
-    if not args.no_write:
-        write_section("Weights below 8 bits (embedded ConvTasNet)", body)
+    publish("Weights below 8 bits (embedded ConvTasNet)", body, not args.no_write)
     return 0
 
 
