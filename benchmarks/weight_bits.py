@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
-    from fqss_plugin.export import OrtSeparator, to_onnx
+    import onnxruntime as ort
+    from fqss_plugin.export import to_onnx
+    from fqss_plugin.export.runtime import session_options
 
     torch.set_num_threads(1)
     teacher, source = load_teacher(None)
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             scores = si_sdr_improvements(lambda x: model(x).numpy(), test_set)
         path = work / f"w{bits}.onnx"
         result = to_onnx(model, path, target="vnni" if bits == 8 else "portable")
-        ort_scores = si_sdr_improvements(OrtSeparator(path).separate, test_set)
+        session = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
+        ort_scores = si_sdr_improvements(lambda x: session.run(None, {"mixture": x.numpy()})[0], test_set)
         codes = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
         largest = max(int(np.abs(c.astype(np.int32)).max()) for c in codes if c.dtype == np.int8 and c.size > 1)
         delta, ci = paired_delta(scores, float_scores)
