@@ -214,10 +214,23 @@ class LastCheckpoint(Checkpoint):
             os.replace(partial, self.path)
 
 
+def writable_dir(path: Path, flag: str) -> Path:
+    """``path`` as a directory this process can write to (made if needed), checked before any work starts."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".fqss-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise RecipeError(f"{flag} {path}: not a directory this run can write to "
+                          f"({error.strerror or type(error).__name__})") from None
+    return path
+
+
 def train(conf: dict, build_float: Callable[[dict], nn.Module]) -> Path:
     """Train (or fine-tune with QAT) and write ``best_model.pth``; resumes from ``checkpoints/last.ckpt``."""
-    exp_dir = Path(conf["main_args"]["exp_dir"])
-    exp_dir.mkdir(parents=True, exist_ok=True)
+    exp_dir = writable_dir(Path(conf["main_args"]["exp_dir"]), "--exp_dir")
+    writable_dir(exp_dir / "checkpoints", "--exp_dir")
     with open(exp_dir / "conf.yml", "w") as handle:
         yaml.safe_dump(conf, handle)
     seed = conf["training"]["seed"]

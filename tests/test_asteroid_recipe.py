@@ -193,6 +193,16 @@ def test_bad_inputs_fail_with_one_clear_message(data_dir, float_exp, tmp_path, m
         load_float_model(exp / "best_model.pth")
     with pytest.raises(RecipeError, match="needs --pretrained"):
         train(conf_for("fqss", data_dir, tmp_path / "nopre"), build_float_model)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("an earlier result")
+    for exp in (a_file, a_file / "exp"):                 # output locations are checked before any work
+        with pytest.raises(RecipeError, match=r"--exp_dir .*a_file.*: not a directory this run can write to"):
+            train(conf_for("float", data_dir, exp), build_float_model)
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "checkpoints").write_text("not a folder")
+    with pytest.raises(RecipeError, match=r"--exp_dir .*blocked/checkpoints: not a directory"):
+        train(conf_for("float", data_dir, tmp_path / "blocked"), build_float_model)
+    assert a_file.read_text() == "an earlier result"
 
 
 class ConstantValidation(pytorch_lightning.LightningModule):
