@@ -27,7 +27,7 @@ from onnx import TensorProto, helper
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.int8_runtime import (calibrated_fqss, dataset, export_float, hub_stand_in,  # noqa: E402
                                      profile_by_op, profile_shares, time_interleaved)
-from fqss_plugin.export.saturation import describe_cpu  # noqa: E402
+from fqss_plugin.export.cpu import describe_cpu  # noqa: E402
 from benchmarks.report import command_line, write_section  # noqa: E402
 
 

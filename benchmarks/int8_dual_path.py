@@ -1,4 +1,4 @@
-"""Int8 deployment benchmark of the dual-path recipes (#7), DPTNet (Asteroid) and SepFormer (SpeechBrain): torch
+"""Int8 deployment benchmark of the dual-path recipes, DPTNet (Asteroid) and SepFormer (SpeechBrain): torch
 fp32, onnxruntime fp32, onnxruntime int8 (fqss export) and onnxruntime ``quantize_static`` PTQ.
 
 Model: the recipe's shipped float teacher (``pretrained/embedded_float``), then a short FQSS QAT
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.int8_runtime import (add_run_arguments, cached_qat, dataset, export_float,  # noqa: E402
                                      measure_latency, measure_quality, profile_by_op, profile_shares,
                                      quantize_static_ptq, recipe_loss_settings, runtime_table)
-from fqss_plugin.export.saturation import cpu_class, describe_cpu  # noqa: E402
+from fqss_plugin.export.cpu import cpu_class, describe_cpu  # noqa: E402
 from benchmarks.report import command_line, write_section  # noqa: E402
 
 RECIPES = ROOT / "recipes" / "LibriMix"

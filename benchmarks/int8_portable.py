@@ -63,7 +63,7 @@ def hub(args) -> int:
     from benchmarks.int8_runtime import calibrated_fqss, hub_stand_in
     from fqss_plugin.export import to_onnx
     from fqss_plugin.export.runtime import session_options
-    from fqss_plugin.export.saturation import cpu_class, describe_cpu
+    from fqss_plugin.export.cpu import cpu_class, describe_cpu
 
     torch.set_num_threads(1)
     work = args.work_dir / "hub"
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     from fqss_plugin.export import to_onnx
     from fqss_plugin.export.emulate import EMULATED_CPU, run_emulated
     from fqss_plugin.export.runtime import WaveformOf, session_options, snr_db
-    from fqss_plugin.export.saturation import cpu_class, describe_cpu, saturation_risks
+    from fqss_plugin.export.cpu import cpu_class, describe_cpu
+    from fqss_plugin.export.saturation import saturation_risks
 
     torch.set_num_threads(1)
     title, build = models()[args.model]

@@ -1,4 +1,4 @@
-"""Int8 deployment benchmark (#7): torch fp32, onnxruntime fp32, onnxruntime int8 (fqss export) and
+"""Int8 deployment benchmark: torch fp32, onnxruntime fp32, onnxruntime int8 (fqss export) and
 onnxruntime ``quantize_static`` PTQ on the embedded-size ConvTasNet.
 
 Model: the ConvTasNet of ``recipes/LibriMix/ConvTasNet/conf/fqss.yml`` (64 filters, kernel 32, stride 16,
@@ -36,7 +36,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fqss_plugin.export.saturation import cpu_class, describe_cpu  # noqa: E402
+from fqss_plugin.export.cpu import cpu_class, describe_cpu  # noqa: E402
 from benchmarks.report import command_line, write_section  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "LibriMix" / "ConvTasNet"
@@ -429,7 +429,7 @@ so they are computed per run in float; folding the normalisation and affine into
 still leave those statistics (a DequantizeLinear, two ReduceMean and a Mul per norm: see the op times above
 and README, "Int8 deployment", for that fold measured by graph surgery), so 2.5x needs a model whose norm
 statistics are fixed (batch norm).
-Goals (issue #7): int8 >= 2.5x faster than onnxruntime fp32 at 1 thread and >= 3.8x smaller.
+Goals: int8 >= 2.5x faster than onnxruntime fp32 at 1 thread and >= 3.8x smaller.
 """
     print(body)
     if not no_write:
@@ -544,7 +544,7 @@ orders) and {snr_range(self_agreement['noise'])} with 1e-7 of noise added to the
 output SNR in that range is what two computations of this quantized model get unless they agree to the bit, and
 the 40 dB goal asks for more agreement than torch has with itself; the errors stay at rounding level: SI-SDRi within {abs(quality['int8'] - quality['torch fake-quant']):.4f} dB.
 
-Goals (issue #7): int8 >= 2.5x faster than onnxruntime fp32 at 1 thread and >= 3.8x smaller, with
+Goals: int8 >= 2.5x faster than onnxruntime fp32 at 1 thread and >= 3.8x smaller, with
 FQSS quality; better quality than `quantize_static` at equal or better speed.
 """
     print(body)

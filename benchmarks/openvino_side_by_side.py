@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import onnxruntime as ort
     from fqss_plugin.export.runtime import session_options, snr_db
-    from fqss_plugin.export.saturation import describe_cpu
+    from fqss_plugin.export.cpu import describe_cpu
 
     paths = sorted(args.folder.glob("*.onnx"))
     if not paths:

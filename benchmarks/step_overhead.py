@@ -84,7 +84,7 @@ ConvTasNet-like model (`tests/toy_models.py::ToySeparator`, {params:,} parameter
 |---|---|---|
 """ + "\n".join(rows) + f"""
 
-Goal (issue #2): FQSS step <= 2.0x the float step, teacher forward included.
+Goal: FQSS step <= 2.0x the float step, teacher forward included.
 Measured on: {torch.__version__}, {torch.get_num_threads()} threads."""
     print(body)
     write_section("QAT step-time overhead", body)

@@ -22,11 +22,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def _saturation():
-    """``fqss_plugin.export.saturation`` without importing the package (which needs torch and the toolkits)."""
-    spec = importlib.util.spec_from_file_location("saturation", HERE.parent / "fqss_plugin" / "export" / "saturation.py")
+def _cpu():
+    """``fqss_plugin.export.cpu`` without importing the package (which needs torch and the toolkits)."""
+    spec = importlib.util.spec_from_file_location("fqss_cpu", HERE.parent / "fqss_plugin" / "export" / "cpu.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module                   # its dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
 
@@ -39,12 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args(argv)
     import onnxruntime as ort
-    saturation = _saturation()
+    cpu = _cpu()
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     options.log_severity_level = 3
     lines = [f"Command: `python {' '.join(shlex.quote(a) for a in ['benchmarks/time_onnx.py', *(argv or sys.argv[1:])])}`",
-             "", f"This CPU: {saturation.describe_cpu()}; onnxruntime {ort.__version__}; 1 thread, median of "
+             "", f"This CPU: {cpu.describe_cpu()}; onnxruntime {ort.__version__}; 1 thread, median of "
              f"{args.repeats} interleaved runs.", ""]
     for folder in args.folders:
         mixture = np.load(folder / "mixture.npy")

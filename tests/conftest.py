@@ -1,3 +1,5 @@
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -27,13 +29,22 @@ def snr_db(estimate: torch.Tensor, reference: torch.Tensor) -> float:
     return float(10 * torch.log10(reference.pow(2).sum() / (reference - estimate).pow(2).sum()))
 
 
+@contextmanager
+def single_thread():
+    """One intra-op thread inside the block (for module-scoped fixtures, which cannot use ``one_thread``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """For tests of many small ops: on a shared CPU one intra-op thread is faster and steadier."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with single_thread():
+        yield
 
 
 def relative_error(estimate: torch.Tensor, reference: torch.Tensor) -> float:

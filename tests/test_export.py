@@ -1,4 +1,4 @@
-"""Int8 ONNX export (#7): round trip on a small *trained* ConvTasNet, parity, any length, clear errors, CLI."""
+"""Int8 ONNX export: round trip on a small *trained* ConvTasNet, parity, any length, clear errors, CLI."""
 import copy
 
 import numpy as np
@@ -13,6 +13,7 @@ from fqss_plugin.asteroid import prepare_model, save_quantized_model
 from fqss_plugin.cli import main as cli_main
 from fqss_plugin.export import ExportError, OrtSeparator, ort_op_report, parity_report, to_onnx
 from fqss_plugin.loss import FQSSLoss
+from tests.conftest import single_thread
 
 SR = 8000
 pytestmark = pytest.mark.usefixtures("one_thread")     # tests/conftest.py: steadier on a shared CPU
@@ -78,12 +79,8 @@ def trained():
     """(float model, FQSS-trained quantized model): 150 float steps, then 40 QAT steps (5 calibrating).
 
     One thread: on a shared 2-core machine, torch's default 2 threads run this 30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         return _train()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train():
@@ -278,13 +275,9 @@ def test_compact_passes_keep_the_graph_and_its_subgraphs(trained, tmp_path):
 @pytest.fixture(scope="module")
 def trained_dptnet():
     """(float, FQSS-trained) tiny DPTNet: 60 float steps, then 15 QAT steps (one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         torch.manual_seed(0)
         return qat_from(tiny_dptnet(), 60, 15, torch.Generator().manual_seed(1))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_dptnet_exports_its_lstms_as_loops_on_any_length(trained_dptnet, tmp_path):
@@ -330,14 +323,9 @@ def test_sepformer_package_exports_and_runs_any_length(tmp_path, capsys):
     from fqss_plugin.export import export_view
     from fqss_plugin.speechbrain import SepformerWaveform, prepare_waveform, save_pretrained_separator
     from tests.test_speechbrain_adapter import tiny_modules
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        modules = tiny_modules()
-        teacher = SepformerWaveform(modules["encoder"], modules["masknet"], modules["decoder"], 2, SR)
-        _, model = qat_from(teacher, 30, 10, torch.Generator().manual_seed(2), prepare=prepare_waveform)
-    finally:
-        torch.set_num_threads(threads)
+    modules = tiny_modules()                                      # one thread: the module's one_thread fixture
+    teacher = SepformerWaveform(modules["encoder"], modules["masknet"], modules["decoder"], 2, SR)
+    _, model = qat_from(teacher, 30, 10, torch.Generator().manual_seed(2), prepare=prepare_waveform)
     config = fq.QuantConfig.fqss(calib_steps=5)
     package = save_pretrained_separator(tmp_path / "pkg", {"encoder": model.encoder, "masknet": model.masknet,
                                                            "decoder": model.decoder}, config, sample_rate=SR)

@@ -10,9 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 import fqss_plugin as fq
 from fqss_plugin.asteroid import prepare_model
 from fqss_plugin.export import OrtSeparator, to_onnx
-from fqss_plugin.export import saturation
+from fqss_plugin.export import cpu, saturation
 from fqss_plugin.export.emulate import qemu, run_emulated
 from fqss_plugin.export.runtime import WaveformOf, snr_db
+from tests.conftest import single_thread
 from tests.test_export import qat_from, tiny_convtasnet, two_source_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,24 +54,22 @@ def test_numpy_emulation_of_the_pairwise_kernel_reproduces_the_probe():
 
 
 def test_cpu_classes_from_their_flags(tmp_path):
-    assert saturation.cpu_saturates_u8s8(ZEN2_FLAGS, "x86_64")
-    assert saturation.cpu_saturates_u8s8({"avx512f", "avx512bw"}, "x86_64")            # Skylake-SP
-    assert not saturation.cpu_saturates_u8s8(ZEN2_FLAGS | {"avx512_vnni"}, "x86_64")
-    assert not saturation.cpu_saturates_u8s8(ZEN2_FLAGS | {"avx_vnni"}, "x86_64")       # Alder Lake
-    assert not saturation.cpu_saturates_u8s8({"sse4_1"}, "x86_64")                      # widening SSE kernels
-    assert not saturation.cpu_saturates_u8s8(set(), "aarch64")
+    assert cpu.cpu_saturates_u8s8(ZEN2_FLAGS, "x86_64")
+    assert cpu.cpu_saturates_u8s8({"avx512f", "avx512bw"}, "x86_64")            # Skylake-SP
+    assert not cpu.cpu_saturates_u8s8(ZEN2_FLAGS | {"avx512_vnni"}, "x86_64")
+    assert not cpu.cpu_saturates_u8s8(ZEN2_FLAGS | {"avx_vnni"}, "x86_64")       # Alder Lake
+    assert not cpu.cpu_saturates_u8s8({"sse4_1"}, "x86_64")                      # widening SSE kernels
+    assert not cpu.cpu_saturates_u8s8(set(), "aarch64")
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("model name\t: AMD EPYC 7B12\nflags\t\t: " + " ".join(sorted(ZEN2_FLAGS)) + "\n")
-    assert saturation.cpu_flags(cpuinfo) == ZEN2_FLAGS
-    assert "AMD EPYC 7B12" in saturation.describe_cpu(cpuinfo) and "no VNNI" in saturation.describe_cpu(cpuinfo)
+    assert cpu.cpu_flags(cpuinfo) == ZEN2_FLAGS
+    assert "AMD EPYC 7B12" in cpu.describe_cpu(cpuinfo) and "no VNNI" in cpu.describe_cpu(cpuinfo)
 
 
 @pytest.fixture(scope="module")
 def w8_and_w7():
     """One float model, then two FQSS QATs of it: 8-bit and 7-bit weight codes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():
         torch.manual_seed(0)
         models = {}
         teacher = tiny_convtasnet()
@@ -78,8 +77,6 @@ def w8_and_w7():
             prepare = (lambda m, c, bits=bits: prepare_model(m, fq.QuantConfig.fqss(calib_steps=5, weight_bits=bits)))
             teacher, models[bits] = qat_from(teacher, float_steps, 40, torch.Generator().manual_seed(bits), prepare)
         return models
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -156,12 +153,12 @@ def test_numpy_emulation_reproduces_the_wrong_codes_of_a_real_layer(w8_and_w7, f
 
 def test_a_vnni_only_file_is_refused_on_a_cpu_that_would_saturate(files, monkeypatch):
     paths, _ = files
-    monkeypatch.setattr(saturation, "cpu_saturates_u8s8", lambda *a, **k: True)
+    monkeypatch.setattr(cpu, "cpu_saturates_u8s8", lambda *a, **k: True)
     with pytest.raises(ValueError, match=r"w8_vnni.onnx: \d+ integer ops .* saturate .*int8_target=vnni"):
         OrtSeparator(paths["w8_vnni"])
     for key in ("w8", "w7"):
         OrtSeparator(paths[key])                  # portable files load on every CPU
-    monkeypatch.setattr(saturation, "cpu_saturates_u8s8", lambda *a, **k: False)
+    monkeypatch.setattr(cpu, "cpu_saturates_u8s8", lambda *a, **k: False)
     OrtSeparator(paths["w8_vnni"])                # and the VNNI file on a CPU with VNNI
 
 
@@ -219,14 +216,9 @@ def test_uint8_weights_convert_codes_shared_by_several_ops_once():
 
 def test_four_bit_weights_learn_and_export_in_int8(tmp_path):
     """Weights below 8 bits: a 4-bit QAT keeps its codes in -8..7 in the exported int8 file, bit-identical to torch."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        prepare = lambda m, c: prepare_model(m, fq.QuantConfig.fqss(calib_steps=5, weight_bits=4))
-        _, model = qat_from(tiny_convtasnet(), 150, 40, torch.Generator().manual_seed(4), prepare)
-    finally:
-        torch.set_num_threads(threads)
+    torch.manual_seed(0)                                          # one thread: the module's one_thread fixture
+    prepare = lambda m, c: prepare_model(m, fq.QuantConfig.fqss(calib_steps=5, weight_bits=4))
+    _, model = qat_from(tiny_convtasnet(), 150, 40, torch.Generator().manual_seed(4), prepare)
     path = to_onnx(model, tmp_path / "w4.onnx").path
     codes = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
     int8 = [c for c in codes if c.dtype == np.int8 and c.size > 1]

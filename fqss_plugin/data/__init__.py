@@ -1,11 +1,11 @@
-"""Embedded default datasets in the real on-disk formats (issue #4).
+"""Embedded default datasets in the real on-disk formats.
 
 * :mod:`~fqss_plugin.data.speech`: synthetic Libri2Mix (espeak-ng / flite voices,
   LibriMix layout, metadata and mixing rule), plus the files Asteroid's and
   SpeechBrain's LibriMix recipes expect beside it (:mod:`~fqss_plugin.data.librimix`).
 * :mod:`~fqss_plugin.data.music`: a toy MUSDB18-HQ.
 
-Real recorded speech (issue 19, sources in ``SOURCES.md``): ``fqss make-data real-sources``
+Real recorded speech (sources in ``SOURCES.md``): ``fqss make-data real-sources``
 extracts it (:mod:`~fqss_plugin.data.real_sources`), ``fqss make-data speech --real-speech DIR``
 mixes it with the synthetic voices and adds a real-only ``test-real`` split
 (:mod:`~fqss_plugin.data.real`), with realism augmentation of train/dev voices

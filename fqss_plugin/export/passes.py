@@ -129,9 +129,8 @@ def fold_constant_elementwise(model: onnx.ModelProto) -> int:
         if len(values) == 1:
             result = CONSTANT_ELEMENTWISE[node.op_type](result)
         name = graph.add_init(np.asarray(result, dtype=values[0].dtype), node.output[0].split("/")[-1] + "_const")
-        graph.replace_uses(node.output[0], name)
+        graph.replace_uses(node.output[0], name)       # a later fold reads the new initializer (graph.init)
         graph.g.node.remove(node)
-        graph.refresh()
         folded += 1
     return folded
 
@@ -546,8 +545,8 @@ COMPACT = (constants_to_initializers, dedupe_initializers, drop_default_attribut
 """The passes that only make the file smaller (same graph): also applied to the fp32 baseline in benchmarks."""
 
 
-PASSES = (remove_identities, fold_constant_elementwise, fold_weight_quantizers, fold_constant_reshapes, fold_constant_transposes, quantize_biases,
-          scalar_qparams,
+PASSES = (remove_identities, fold_constant_elementwise, fold_weight_quantizers, fold_constant_reshapes,
+          fold_constant_transposes, quantize_biases, scalar_qparams,
           prelu_to_leakyrelu,
           requantize_before_integer_ops, drop_zero_points, remove_dead) + COMPACT
 

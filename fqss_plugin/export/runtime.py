@@ -129,14 +129,14 @@ class OrtSeparator:
 def _refuse_if_it_would_saturate(path: Path, metadata: dict) -> None:
     """A file whose integer ops can saturate (:mod:`.saturation`) gives wrong output on this CPU if it has no
     VNNI: refuse it with the reason, whatever its metadata says (files from other exporters included)."""
-    from . import saturation
-    if not saturation.cpu_saturates_u8s8():
+    from . import cpu, saturation
+    if not cpu.cpu_saturates_u8s8():
         return
     risks = saturation.saturation_risks(onnx.load(str(path), load_external_data=False))
     if risks:
         target = metadata.get(saturation.METADATA_KEY)
         raise ValueError(f"{path}: {len(risks)} integer ops of this file can saturate in int16 on this CPU "
-                         f"({saturation.describe_cpu()}; first: {risks[0]})"
+                         f"({cpu.describe_cpu()}; first: {risks[0]})"
                          + (" (exported with int8_target=vnni)" if target == saturation.VNNI else "")
                          + ", so onnxruntime would return wrong audio here. Export the model with the default "
                          "target (`fqss export` without --target vnni: portable on every CPU), or run this file "

@@ -23,17 +23,17 @@ codes (``|w| <= 64``: :math:`255 \\cdot 128 = 32640`) satisfy it by construction
   break the bound. :func:`~fqss_plugin.export.to_onnx` runs it on every file it writes.
 * :func:`u8s8_matmul_pairwise` / :func:`u8s8_matmul_exact` -- a numpy emulation of the saturating kernel
   and the exact integer product, to reproduce the wrong outputs on any machine.
-* :func:`cpu_saturates_u8s8` -- whether this machine's CPU takes the saturating path (its flags).
+Whether the machine at hand takes the saturating path is :mod:`fqss_plugin.export.cpu`'s question.
 """
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from .passes import _all_graphs
 
 INT16_MAX = 32767
 ACTIVATION_CODE_MAX = 255
@@ -63,14 +63,15 @@ class SaturationRisk:
                 f"{INT16_MAX}")
 
 
-def _graphs(g: onnx.GraphProto):
-    yield g
-    for node in g.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            for sub in attr.graphs:
-                yield from _graphs(sub)
+def _index(model: onnx.ModelProto) -> tuple[dict, dict, dict]:
+    """Initializers, producers and each initializer's graph, over the graph and its subgraphs (a Loop body reads the
+    outer graph's initializers)."""
+    inits, producers, owners = {}, {}, {}
+    for g in _all_graphs(model.graph):
+        for t in g.initializer:
+            inits[t.name], owners[t.name] = t, g
+        producers.update({o: n for n in g.node for o in n.output})
+    return inits, producers, owners
 
 
 def _int8_weight_codes(name: str, producers: dict, inits: dict) -> np.ndarray | None:
@@ -99,11 +100,9 @@ def pair_sums(codes: np.ndarray, channel_axis: int) -> np.ndarray:
 def saturation_risks(model: onnx.ModelProto) -> list[SaturationRisk]:
     """Every Conv/MatMul/Gemm (in every subgraph) fed an int8 weight ``DequantizeLinear`` that a
     uint8 activation can saturate on a CPU without VNNI (the bound in the module docstring)."""
-    inits, producers, risks = {}, {}, []
-    for g in _graphs(model.graph):
-        inits.update({t.name: t for t in g.initializer})
-        producers.update({o: n for n in g.node for o in n.output})
-    for g in _graphs(model.graph):
+    inits, producers, _ = _index(model)
+    risks = []
+    for g in _all_graphs(model.graph):
         for node in g.node:
             if node.op_type not in WEIGHT_INPUT:
                 continue
@@ -135,22 +134,14 @@ def _channel_axis(node: onnx.NodeProto, index: int, ndim: int) -> int:
     return ndim - 1 if index == 1 else max(ndim - 2, 0)     # MatMul: B [.., K, N] -> N; A [.., M, K] -> M
 
 
-def is_portable(model: onnx.ModelProto) -> bool:
-    return not saturation_risks(model)
-
-
 def uint8_weights(model: onnx.ModelProto, risks: list[SaturationRisk]) -> int:
     """Make the weights of the ``risks``' ops uint8 (codes + 128, zero point 128): the same values, which
     the kernels multiply as u8 x u8, widened to int16 first (no saturation, slower than u8 x s8).
     Returns the number of weight tensors converted."""
     names = {r.node for r in risks}
-    inits, producers, owners = {}, {}, {}
-    for g in _graphs(model.graph):
-        for t in g.initializer:
-            inits[t.name], owners[t.name] = t, g
-        producers.update({o: n for n in g.node for o in n.output})
+    inits, producers, owners = _index(model)
     done: set[str] = set()
-    for g in _graphs(model.graph):
+    for g in _all_graphs(model.graph):
         for node in g.node:
             if (node.name or node.output[0]) not in names:
                 continue
@@ -197,51 +188,3 @@ def u8s8_matmul_pairwise(a: np.ndarray, w: np.ndarray) -> np.ndarray:
         w32 = np.pad(w32, ((0, 1), (0, 0)))
     pairs = a32[:, 0::2, None] * w32[None, 0::2] + a32[:, 1::2, None] * w32[None, 1::2]     # [M, K/2, N]
     return np.clip(pairs, -INT16_MAX - 1, INT16_MAX).sum(axis=1)
-
-
-# -- this machine -------------------------------------------------------------------------------------
-
-VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "avx512vnni", "avxvnni"}
-SATURATING_FLAGS = {"avx2", "avx512bw"}
-
-
-def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
-    """The CPU flags Linux reports (empty where ``/proc/cpuinfo`` has none)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def cpu_saturates_u8s8(flags: set[str] | None = None, machine: str | None = None) -> bool:
-    """True on an x86 CPU whose int8 kernels use ``vpmaddubsw`` (AVX2 or AVX-512BW) without VNNI."""
-    machine = (machine or platform.machine()).lower()
-    if machine not in ("x86_64", "amd64", "i686", "x86"):
-        return False
-    flags = cpu_flags() if flags is None else flags
-    return bool(flags & SATURATING_FLAGS) and not flags & VNNI_FLAGS
-
-
-def cpu_class() -> str:
-    """``"VNNI CPU"`` or ``"CPU without VNNI"`` (x86 with saturating u8 x s8 kernels): benchmark sections keep them apart."""
-    return "CPU without VNNI" if cpu_saturates_u8s8() else "VNNI CPU"
-
-
-def describe_cpu(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-    """``model name; relevant flags`` for benchmark tables."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path(cpuinfo).read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = cpu_flags(cpuinfo)
-    shown = sorted(flags & (VNNI_FLAGS | SATURATING_FLAGS | {"avx512f", "fma", "amx_int8", "avx512_bf16"}))
-    return f"{model}; flags: {' '.join(shown) or 'none of avx2/avx512/vnni'}; " + \
-        ("saturating u8 x s8 kernels (no VNNI)" if cpu_saturates_u8s8(flags) else "no u8 x s8 saturation")

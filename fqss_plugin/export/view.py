@@ -262,11 +262,13 @@ def export_view(model: nn.Module, decoder: str = "conv", staged_norm_means: bool
 
 def _check_supported(model: nn.Module) -> None:
     for name, module in model.named_modules():
-        if isinstance(module, (WeightQuantizer, FrozenWeightQuantizer)) and module.bits > 8:
-            raise ExportError(f"{name}: {module.bits}-bit weight quantizer; the ONNX QDQ export stores weights "
-                              "of at most 8 bits (int8)")
-        if isinstance(module, QUANTIZER_TYPES) and not isinstance(module, (WeightQuantizer, FrozenWeightQuantizer)) \
-                and module.bits != 8:
+        if not isinstance(module, QUANTIZER_TYPES):
+            continue
+        if isinstance(module, (WeightQuantizer, FrozenWeightQuantizer)):
+            if module.bits > 8:
+                raise ExportError(f"{name}: {module.bits}-bit weight quantizer; the ONNX QDQ export stores weights "
+                                  "of at most 8 bits (int8)")
+        elif module.bits != 8:
             raise ExportError(f"{name}: {module.bits}-bit activation quantizer; the ONNX QDQ export writes 8-bit "
                               "activations only")
 

@@ -72,6 +72,7 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("steps_observed", torch.zeros((), dtype=torch.long))
         self.register_buffer("calib_steps", torch.tensor(calib_steps, dtype=torch.long))
+        self._uncommitted = 0          # training batches observed since the last committed step (not state)
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -113,7 +114,7 @@ class ActivationQuantizer(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         """Fold one batch into this step's range and move the quantization range accordingly."""
         if self.training:
-            self._uncommitted = getattr(self, "_uncommitted", 0) + 1
+            self._uncommitted += 1
             if self._uncommitted == self.UNCOMMITTED_WARNING and int(self.steps_observed) == 0:
                 warnings.warn(f"an ActivationQuantizer has observed {self._uncommitted} training batches and no "
                               "optimizer step has ended its calibration: call fqss_plugin.calibration_step(model) "
