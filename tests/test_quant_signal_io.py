@@ -55,7 +55,7 @@ def test_widened_encoder_reproduces_the_float_encoder_at_init_within_one_lsb():
     assert (got - expected).abs().max() <= lsb * 1.0001
 
 
-def test_per_example_normalisation_makes_batching_irrelevant():
+def test_per_example_normalisation_makes_batching_irrelevant(one_thread):
     model = fq.prepare(ToySeparator(), fq.QuantConfig.fqss(), encoder="encoder", decoder="decoder")
     x = speech_like(batch=3, length=4000) * torch.tensor([[0.1], [1.0], [5.0]])
     model(x)
@@ -64,7 +64,7 @@ def test_per_example_normalisation_makes_batching_irrelevant():
     with torch.no_grad():
         together = model(x)
         alone = torch.cat([model(x[b:b + 1]) for b in range(3)])
-    for b in range(3):          # identical up to rare 1-LSB flips from float summation order
+    for b in range(3):          # identical up to rare 1-LSB flips from float summation order (more of them with threads)
         assert snr_db(alone[b], together[b]) > 60, b
 
 

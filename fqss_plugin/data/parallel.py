@@ -1,6 +1,13 @@
-"""Run independent generation tasks over a small process pool, in order, with a progress bar."""
+"""Run independent generation tasks over a small process pool, in order, with a progress bar.
+
+Workers are started with ``spawn``, never ``fork``: a process forked after torch has
+run a parallel op inherits a GNU OpenMP thread pool it cannot use, and the first
+parallel op in the child blocks forever (a test suite that ran torch before
+generating data hangs; with ``OMP_NUM_THREADS=1`` it does not, which hides it).
+"""
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
@@ -24,7 +31,7 @@ def parallel_map(fn: Callable[[T], R], tasks: list[T], jobs: int, desc: str, pro
                 results.append(result)
                 bar.update()
         else:
-            with ProcessPoolExecutor(max_workers=jobs) as pool:
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
                 for result in pool.map(fn, tasks, chunksize=max(1, min(32, len(tasks) // (4 * jobs)))):
                     results.append(result)
                     bar.update()
