@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     from fqss_plugin.export import to_onnx
     from fqss_plugin.export.emulate import EMULATED_CPU, run_emulated
-    from fqss_plugin.export.runtime import WaveformOf, session_options, snr_db
+    from fqss_plugin.export.runtime import session_options, snr_db
+    from fqss_plugin.export.view import WaveformSeparator
     from fqss_plugin.export.cpu import cpu_class, describe_cpu
     from fqss_plugin.export.saturation import saturation_risks
 
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parity, subset_scores = {}, {}
     for label, (qat, _) in VARIANTS.items():
         with torch.no_grad():
-            reference = [WaveformOf(qat_models[qat])(torch.from_numpy(m)).numpy() for m in mixtures]
+            reference = [WaveformSeparator.frozen(qat_models[qat])(torch.from_numpy(m)).numpy() for m in mixtures]
         native = [sessions[label].run(None, {"mixture": m})[0] for m in mixtures]
         emulated = run_emulated(paths[label], mixtures)
         parity[label] = (min(snr_db(o, r) for o, r in zip(native, reference)),

@@ -138,10 +138,11 @@ def cached_qat(teacher: nn.Module, teacher_source: str, loss_settings: dict, qat
 def export_float(model, path: Path) -> None:
     """The float model through the same exporter and clean-up passes as the int8 one (a fair fp32 baseline)."""
     from fqss_plugin.export import passes
-    from fqss_plugin.export.view import WaveformSeparator, _export_norm_forward
+    from fqss_plugin.asteroid.export import _export_norm_forward
+    from fqss_plugin.export.view import WaveformSeparator
     from asteroid.dsp.overlap_add import DualPathProcessing
     from asteroid.masknn.norms import GlobLN
-    from fqss_plugin.export.view import _overlap_add_fold
+    from fqss_plugin.asteroid.export import _overlap_add_fold
     from fqss_plugin.quant.attention import ACTIVATION_POINTS, QMultiheadAttention
     view = copy.deepcopy(model).eval()
     for module in view.modules():
@@ -301,8 +302,9 @@ def runtime_table(latency: dict[int, dict[str, float]], sizes: dict[str, int], q
 def torch_self_agreement(model: nn.Module, mixtures: list[torch.Tensor]) -> dict[str, list[float]]:
     """Output SNR of the frozen torch model against itself on each mixture: at 2 threads instead of 1 (other
     float summation orders), and with 1e-7 of seeded noise on the input (the yardstick for the parity)."""
-    from fqss_plugin.export.runtime import WaveformOf, snr_db
-    reference = WaveformOf(model)
+    from fqss_plugin.export.runtime import snr_db
+    from fqss_plugin.export.view import WaveformSeparator
+    reference = WaveformSeparator.frozen(model)
     threads = torch.get_num_threads()
     result: dict[str, list[float]] = {"threads": [], "noise": []}
     with torch.no_grad():

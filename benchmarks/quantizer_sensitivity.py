@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.report import command_line, repo_path, write_section  # noqa: E402
-from fqss_plugin.asteroid_recipe import load_model, parse_conf, score_test_set  # noqa: E402
+from fqss_plugin.asteroid.recipe import load_model, parse_conf, score_test_set  # noqa: E402
 from fqss_plugin.demo import TEACHER, paired_delta, si_sdri  # noqa: E402
 from fqss_plugin.quant.sensitivity import bypassed, modules_named, quantizer_groups  # noqa: E402
 

@@ -25,3 +25,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_save(obj, path: str | Path) -> Path:
+    """``torch.save(obj, path)`` through :func:`atomic_path`: never a half-written checkpoint."""
+    import torch
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from .asteroid import resolve_package
-from .asteroid_recipe import RecipeError, load_model, parse_conf, score_test_set, train
+from .asteroid.recipe import RecipeError, load_model, parse_conf, score_test_set, train
 from .data.speech import SpeechConfig, generate_speech
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,7 +1,8 @@
 """The FQSS training objective: task loss plus sample-weighted distillation from the float model.
 
 Speech (``task="sisdr"``), with linear-domain SI-SDR ``S(a, r) = ||αr||² / ||a - αr||²`` (zero mean,
-``α = <a, r>/||r||²``), permutation-solved with Asteroid's ``PITLossWrapper.find_best_perm``::
+``α = <a, r>/||r||²``; torchmetrics' SI-SDR), permutation-solved with torchmetrics'
+``permutation_invariant_training``::
 
     T_b = max_π mean_n S(ŝ_q[π(n)], s[n])           (student vs ground truth)
     K_b = max_π mean_n S(ŝ_q[π(n)], ŝ_f[n])         (student vs float teacher)
@@ -13,8 +14,8 @@ or, with ``average="db"``, the log taken per example and source and the mean in 
     L   = mean_b mean_n -10 log10((1-λ) S(ŝ_q[π_b(n)], s[n]) + λ w_b S(ŝ_q[π_b(n)], ŝ_f[ρ_b(n)]))
 
 (``π_b``, ``ρ_b``: the student's and the teacher's PIT alignments to the ground truth); at ``λ = 0``
-it is Asteroid's ``PITLossWrapper(pairwise_neg_sisdr)``, the float training loss. The linear average
-weighs the best-separated examples and sources most: a mixture at 20 dB counts 10x one at 10 dB.
+it is the PIT negative SI-SDR of float training (Asteroid's ``PITLossWrapper(pairwise_neg_sisdr)``).
+The linear average weighs the best-separated examples and sources most: a mixture at 20 dB counts 10x one at 10 dB.
 
 Music (``task="l1"``, fixed stem order): ``L = (1-λ) mean_b L1(ŝ_q, s) + λ mean_b w_b L1(ŝ_q, ŝ_f)``.
 
@@ -29,35 +30,45 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr, singlesrc_neg_sisdr
 from torch import nn
 
 EPS = 1e-8
 
 
+def sisdr_db(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """SI-SDR in dB over the last axis (zero-mean), torchmetrics' ``scale_invariant_signal_distortion_ratio``."""
+    from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
+    return scale_invariant_signal_distortion_ratio(estimate, reference, zero_mean=True)
+
+
+def _pit(estimate: torch.Tensor, reference: torch.Tensor, metric) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchmetrics' ``permutation_invariant_training``: per example ``max_π mean_n metric(ŝ[π(n)], s[n])``
+    and the best permutation ``π``."""
+    from torchmetrics.functional.audio import permutation_invariant_training
+    return permutation_invariant_training(estimate, reference, metric, eval_func="max")
+
+
 def pit_sisdr_db(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Per-example permutation-invariant SI-SDR in dB, ``[B, n_src, T] -> [B]``."""
-    best, _ = PITLossWrapper.find_best_perm(pairwise_neg_sisdr(estimate, reference))
-    return -best
+    return _pit(estimate, reference, sisdr_db)[0]
 
 
 def pit_sisdr_linear(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Per-example ``max_π mean_n`` linear SI-SDR, ``[B, n_src, T] -> [B]``."""
-    linear = torch.pow(10.0, -pairwise_neg_sisdr(estimate, reference) / 10.0)
-    best, _ = PITLossWrapper.find_best_perm(-linear)
-    return -best
+    return _pit(estimate, reference, lambda e, r: torch.pow(10.0, sisdr_db(e, r) / 10.0))[0]
 
 
 def pit_aligned(estimate: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``estimate`` reordered by its PIT (mean dB SI-SDR) alignment to ``reference``, and that PIT
     SI-SDR in dB per example (``[B]``, as :func:`pit_sisdr_db`), from one pairwise matrix."""
-    best, perm = PITLossWrapper.find_best_perm(pairwise_neg_sisdr(estimate, reference))
-    return PITLossWrapper.reorder_source(estimate, perm), -best
+    from torchmetrics.functional.audio import pit_permutate
+    best, perm = _pit(estimate, reference, sisdr_db)
+    return pit_permutate(estimate, perm), best
 
 
 def sisdr_per_source_db(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """SI-SDR in dB of each aligned source pair, ``[B, n_src, T] -> [B, n_src]``."""
-    return -singlesrc_neg_sisdr(estimate.flatten(0, 1), reference.flatten(0, 1)).view(estimate.shape[:2])
+    return sisdr_db(estimate, reference)
 
 
 def nsdr_db(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -74,6 +85,8 @@ def l1_per_example(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Ten
 
 class FQSSLoss(nn.Module):
     """FQSS loss (see module docstring). Call as ``loss(estimate, target, teacher_estimate)``.
+
+    The defaults are the paper's; the recipes use the presets :meth:`fqss` and :meth:`vanilla`.
 
     Args:
         lambda_kd: weight λ of the distillation term; 0 gives vanilla QAT and needs no teacher.
@@ -102,6 +115,17 @@ class FQSSLoss(nn.Module):
         """Speech: the distillation term's share of the last call's linear sum, ``λ·mean(w K) / (…)``,
         which is also its share of the gradient in dB. With the student ~25 dB from the teacher and
         ~10 dB from the truth, ``λ = 0.1`` gives the distillation about 80 %."""
+
+    @classmethod
+    def fqss(cls, **overrides) -> FQSSLoss:
+        """The recipes' FQSS objective (with :meth:`QuantConfig.fqss <fqss_plugin.QuantConfig.fqss>`): λ = 0.01,
+        the dB average. The class defaults are the paper's (λ = 0.1, linear average)."""
+        return cls(**{"lambda_kd": 0.01, "average": "db", **overrides})
+
+    @classmethod
+    def vanilla(cls, **overrides) -> FQSSLoss:
+        """The recipes' vanilla-QAT objective: no distillation, the dB average (the float training loss)."""
+        return cls(**{"lambda_kd": 0.0, "average": "db", **overrides})
 
     @torch.no_grad()
     def sample_weights(self, estimate: torch.Tensor, target: torch.Tensor,

@@ -11,7 +11,7 @@ import torch
 
 from fqss_plugin.asteroid import load_float_model, resolve_package
 from fqss_plugin.quant import ActivationQuantizer
-from fqss_plugin.asteroid_recipe import (RecipeError, evaluate, load_model, make_dataset, make_loaders, parse_conf,
+from fqss_plugin.asteroid.recipe import (RecipeError, evaluate, load_model, make_dataset, make_loaders, parse_conf,
                                          train)
 from fqss_plugin.data.speech import SpeechConfig, generate_speech
 
@@ -179,7 +179,7 @@ def test_bad_inputs_fail_with_one_clear_message(data_dir, float_exp, tmp_path, m
     with pytest.raises(RecipeError, match=f"{bad_wav.name}: missing or unreadable audio"):
         make_dataset(conf_for("float", corrupt / "data", tmp_path / "exp"), "dev", None)
     # a large split is only sampled up front; a bad file outside the sample is named when it is read
-    monkeypatch.setattr("fqss_plugin.asteroid_recipe.MAX_CHECKED_FILES", 1)   # sample: the first mixture only
+    monkeypatch.setattr("fqss_plugin.asteroid.recipe.MAX_CHECKED_FILES", 1)   # sample: the first mixture only
     dataset = make_dataset(conf_for("float", corrupt / "data", tmp_path / "exp"), "dev", None)
     with pytest.raises(RecipeError, match=f"row 0: missing or unreadable audio .*{bad_wav.name}"):
         dataset[0]
@@ -230,7 +230,7 @@ class ConstantValidation(pytorch_lightning.LightningModule):
 
 def test_last_checkpoint_is_every_epoch_even_without_improvement(tmp_path):
     """Lightning's save_last only follows top-k saves: its last.ckpt would stay at epoch 0 here."""
-    from fqss_plugin.asteroid_recipe import LastCheckpoint
+    from fqss_plugin.asteroid.recipe import LastCheckpoint
     lightning_last = pytorch_lightning.callbacks.ModelCheckpoint(dirpath=tmp_path / "lightning", monitor="val_loss",
                                                                  save_top_k=1, save_last=True)
     trainer = pytorch_lightning.Trainer(max_epochs=3, logger=False, enable_progress_bar=False,
@@ -265,7 +265,7 @@ def test_the_shipped_embedded_teachers_load_through_asteroid_and_separate(recipe
 def test_last_checkpoint_holds_the_top_k_record_of_its_own_epoch(float_exp):
     """``last.ckpt`` is written after the top-k checkpoint of the same epoch, so a resumed or rerun run
     knows every top-k file; the best model is picked from the scores stored in the files themselves."""
-    from fqss_plugin.asteroid_recipe import top_k_scores
+    from fqss_plugin.asteroid.recipe import top_k_scores
     checkpoints = float_exp / "checkpoints"
     state = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["callbacks"]
     (record,) = [v for k, v in state.items() if k.startswith("ModelCheckpoint")]

@@ -14,7 +14,7 @@ def test_paired_delta_and_its_confidence_interval():
 
 def test_demo_runs_end_to_end_on_tiny_data(tmp_path, capsys):
     from tests.test_asteroid_recipe import build_float_model, conf_for
-    from fqss_plugin.asteroid_recipe import train
+    from fqss_plugin.asteroid.recipe import train
     from fqss_plugin.data.speech import SpeechConfig, generate_speech
     generate_speech(SpeechConfig(out=tmp_path / "data", hours=0.004, train_speakers=4, eval_speakers=3,
                                  eval_mixtures=3, jobs=1, progress=False))

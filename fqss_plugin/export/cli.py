@@ -1,18 +1,15 @@
 """``fqss export`` and ``fqss separate``: the int8 ONNX export and running it on wav files.
 
-``fqss export --checkpoint exp/fqss/best_model.pth --out model.onnx`` (an Asteroid recipe's model package,
-or its directory, or a SpeechBrain SepFormer package directory); ``fqss separate --model model.onnx mix.wav [more.wav] --out-dir DIR`` writes
-``DIR/<name>_s1.wav ... _s<n>.wav``.
+``fqss export --checkpoint exp/fqss/best_model.pth --out model.onnx`` takes a trained model package of
+any installed toolkit adapter (:func:`fqss_plugin.export.registry.package_loader_for`: an Asteroid
+recipe's ``best_model.pth`` or its directory, a SpeechBrain SepFormer package directory);
+``fqss separate --model model.onnx mix.wav [more.wav] --out-dir DIR`` writes ``DIR/<name>_s1.wav ... _s<n>.wav``.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
-
-EXPORT_HELP = "export a trained fqss model package to an int8 ONNX QDQ model for onnxruntime"
-SEPARATE_HELP = "separate wav files with an exported ONNX model (onnxruntime)"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``fqss export``."""
@@ -48,13 +45,14 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"fqss export: error: --out {out} {problem}", file=sys.stderr)
         return 2
-    if (checkpoint / "hyperparams.yaml").is_file() and not args.trust_package:
-        print(f"fqss export: error: {checkpoint / 'hyperparams.yaml'}: loading a SpeechBrain package executes this "
-              "file (hyperpyyaml's !apply/!new/!name tags run Python); pass --trust-package if you trust it",
-              file=sys.stderr)
-        return 2
+    from .registry import package_loader_for
     try:
-        model = _load_quantized(args.checkpoint)
+        loader = package_loader_for(args.checkpoint)
+        if loader.executes_code and not args.trust_package:
+            print(f"fqss export: error: {checkpoint}: loading a {loader.toolkit} package executes code from it "
+                  f"({loader.describe}); pass --trust-package if you trust it", file=sys.stderr)
+            return 2
+        model = loader.load(args.checkpoint)
         result = to_onnx(model, args.out, decoder=args.decoder, staged_norm_means=args.staged_norm_means,
                          integer_softmax=args.integer_softmax, target=args.target)
     except (ValueError, FileNotFoundError) as error:       # ExportError is a ValueError
@@ -68,16 +66,6 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         print(ort_op_report(result.path))
     return 0
-
-
-def _load_quantized(checkpoint: str):
-    """A quantized model from a recipe package: a SpeechBrain package directory (``hyperparams.yaml``) or an
-    Asteroid package; float or malformed files -> ValueError."""
-    if (Path(checkpoint) / "hyperparams.yaml").is_file():
-        from ..speechbrain import load_quantized_separator
-        return load_quantized_separator(checkpoint)
-    from ..asteroid import load_quantized_model
-    return load_quantized_model(checkpoint)
 
 
 def add_separate_arguments(parser: argparse.ArgumentParser) -> None:

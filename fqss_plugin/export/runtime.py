@@ -225,12 +225,12 @@ def parity_report(model: torch.nn.Module, path: str | Path, mixture: torch.Tenso
     """
     import onnxruntime as ort
     from .export import load_export_settings
-    from .view import export_view, quantizer_calls
+    from .view import WaveformSeparator, export_view, quantizer_calls
     onnx_model = onnx.load(str(path))
     view = export_view(model, **load_export_settings(onnx_model))
     calls, _ = quantizer_calls(view, mixture, keep_outputs=True)
     with torch.no_grad():
-        reference = WaveformOf(model)(mixture)
+        reference = WaveformSeparator.frozen(model)(mixture)
     tapped, names = with_quantizer_outputs(onnx_model)
     session = ort.InferenceSession(tapped.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
     output_names = [o.name for o in session.get_outputs()]
@@ -256,16 +256,3 @@ def parity_report(model: torch.nn.Module, path: str | Path, mixture: torch.Tenso
     ref = reference.numpy()
     return ParityReport(snr_db(estimate, ref), float(np.abs(estimate - ref).max()), rows)
 
-
-class WaveformOf(torch.nn.Module):
-    """The frozen torch model with the exported signature (for references), without modifying ``model``."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        from ..quant.prepare import freeze
-        import copy
-        self.model = freeze(copy.deepcopy(model).cpu().eval())
-
-    def forward(self, mixture: torch.Tensor) -> torch.Tensor:
-        out = self.model(mixture)
-        return out.unsqueeze(1) if out.dim() == 2 else out

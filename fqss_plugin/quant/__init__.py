@@ -10,11 +10,12 @@ from .quantizers import ActivationQuantizer, WeightQuantizer
 from .recurrent import QLSTM
 from .registry import register
 from .signal_io import InputSplitter, OutputCombiner, SplitActivationQuantizer
+from .state import is_quantized, reset_quantizers
 
 __all__ = [
     "ActivationQuantizer", "Add", "Concat", "Mul", "CoverageReport", "InputSplitter", "OutputCombiner", "QAdd", "QConcat",
     "QLSTM", "QMul", "QMultiheadAttention",
     "QuantConfig", "QuantizedLayer", "QuantizedModule", "SplitActivationQuantizer", "WeightQuantizer", "attach_calibration",
-    "calibration_step", "coverage_report", "freeze", "is_calibrating", "parameter_groups", "prepare",
-    "quantizer_parameters", "register",
+    "calibration_step", "coverage_report", "freeze", "is_calibrating", "is_quantized", "parameter_groups", "prepare",
+    "quantizer_parameters", "register", "reset_quantizers",
 ]

@@ -27,11 +27,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .layers import OutputQuantized, QuantizedModule
-from .quantizers import ActivationQuantizer, FrozenActivationQuantizer, FrozenWeightQuantizer, WeightQuantizer
 from .signal_io import InputSplitter, OutputCombiner, SplitActivationQuantizer
+from .state import QUANTIZER_TYPES, is_weight_quantizer
 
-GRID_MODULES = (ActivationQuantizer, FrozenActivationQuantizer, WeightQuantizer, FrozenWeightQuantizer,
-                InputSplitter, OutputCombiner, SplitActivationQuantizer)
+GRID_MODULES = QUANTIZER_TYPES + (InputSplitter, OutputCombiner, SplitActivationQuantizer)
 """Modules whose outputs are on an integer grid (or, for the combiner and the split quantizer, a sum of
 such outputs or of the integer ops run on them)."""
 
@@ -141,7 +140,7 @@ def _describe_point(name: str, module: nn.Module) -> QuantPoint:
         return QuantPoint(name, "output", f"{module.splits} x {module.bits}-bit outputs")
     if isinstance(module, SplitActivationQuantizer):
         return QuantPoint(name, "activation", f"{module.splits} x {module.bits}-bit tensors")
-    kind = "weight" if isinstance(module, (WeightQuantizer, FrozenWeightQuantizer)) else "activation"
+    kind = "weight" if is_weight_quantizer(module) else "activation"
     return QuantPoint(name, kind, module.extra_repr())
 
 

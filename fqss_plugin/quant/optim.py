@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from .quantizers import ActivationQuantizer, WeightQuantizer
+from .state import LEARNED_QUANTIZERS
 
 
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The learnable steps and zero points of every quantizer of ``model`` (in ``parameters()`` order)."""
-    owned = {id(p) for m in model.modules() if isinstance(m, (ActivationQuantizer, WeightQuantizer))
+    owned = {id(p) for m in model.modules() if isinstance(m, LEARNED_QUANTIZERS)
              for p in m.parameters(recurse=False)}
     return [p for p in model.parameters() if id(p) in owned]
 

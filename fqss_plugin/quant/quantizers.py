@@ -75,6 +75,16 @@ class ActivationQuantizer(nn.Module):
         self._uncommitted = 0          # training batches observed since the last committed step (not state)
 
     # -- state ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_(self) -> None:
+        """Back to the never-seen-data state: the range calibrates again from the next batches."""
+        for name in ("log_scale", "zero_point", "running_min", "running_max", "pending_min", "pending_max",
+                     "steps_observed"):
+            getattr(self, name).zero_()
+        self.has_pending.fill_(False)
+        self.initialized.fill_(False)
+        self._uncommitted = 0
+
     @property
     def calibrating(self) -> bool:
         return bool(self.steps_observed < self.calib_steps)
@@ -219,6 +229,12 @@ class WeightQuantizer(nn.Module):
         return torch.exp(self.log_scale.clamp(LOG_MIN_SCALE, LOG_MAX_SCALE))
 
     @torch.no_grad()
+    def reset_(self) -> None:
+        """Back to the never-seen-data state: the steps re-initialise from the weights of the next forward pass."""
+        self.log_scale.zero_()
+        self.initialized.fill_(False)
+
+    @torch.no_grad()
     def init_from(self, w: torch.Tensor) -> None:
         dims = [d for d in range(w.dim()) if d != self.axis]
         abs_max = w.detach().abs().amax(dim=dims) if dims else w.detach().abs()
@@ -295,6 +311,4 @@ class FrozenWeightQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return f"bits={self.bits}, axis={self.axis}, channels={self.scale.numel()}"
 
-
-QUANTIZER_TYPES = (ActivationQuantizer, WeightQuantizer, FrozenActivationQuantizer, FrozenWeightQuantizer)
 

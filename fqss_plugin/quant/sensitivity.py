@@ -15,10 +15,10 @@ from typing import Iterable, Iterator
 
 from torch import nn
 
-from .quantizers import ActivationQuantizer, WeightQuantizer
+from .quantizers import WeightQuantizer
 from .signal_io import InputSplitter, SplitActivationQuantizer
+from .state import LEARNED_QUANTIZERS
 
-QUANTIZERS = (ActivationQuantizer, WeightQuantizer)
 
 
 @contextmanager
@@ -26,7 +26,7 @@ def bypassed(quantizers: Iterable[nn.Module]) -> Iterator[None]:
     """Inside the block, every given quantizer returns its input unchanged."""
     quantizers = list(quantizers)
     for quantizer in quantizers:
-        if not isinstance(quantizer, QUANTIZERS):
+        if not isinstance(quantizer, LEARNED_QUANTIZERS):
             raise TypeError(f"bypassed: expected ActivationQuantizer or WeightQuantizer modules, got "
                             f"{type(quantizer).__name__}")
         quantizer.forward = _identity
@@ -52,7 +52,7 @@ def quantizer_groups(model: nn.Module) -> dict[str, list[str]]:
     modules = dict(model.named_modules())
     groups: dict[str, list[str]] = defaultdict(list)
     for name, module in modules.items():
-        if not isinstance(module, QUANTIZERS):
+        if not isinstance(module, LEARNED_QUANTIZERS):
             continue
         owner_name, _, attribute = name.rpartition(".")
         owner = modules.get(owner_name)

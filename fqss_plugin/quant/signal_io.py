@@ -125,6 +125,14 @@ class InputSplitter(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
+    def reset_(self) -> None:
+        """Back to the never-seen-data state: the residual kernels (and their quantizers) re-initialise
+        from the layer's weight on the next forward pass."""
+        self.initialized.fill_(False)
+        for quantizer in self.weight_quantizers:
+            quantizer.reset_()
+
+    @torch.no_grad()
     def init_from(self, weight: torch.Tensor) -> None:
         gain = residual_gain(self.bits)
         for i in range(self.splits - 1):

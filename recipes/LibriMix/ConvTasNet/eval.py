@@ -4,7 +4,7 @@
 """
 import sys
 
-from fqss_plugin.asteroid_recipe import run_eval
+from fqss_plugin.asteroid.recipe import run_eval
 
 if __name__ == "__main__":
     sys.exit(run_eval())

@@ -11,7 +11,7 @@ import sys
 
 from asteroid.models import DPTNet
 
-from fqss_plugin.asteroid_recipe import run_train
+from fqss_plugin.asteroid.recipe import run_train
 
 
 def build_float_model(conf: dict) -> DPTNet:

@@ -38,10 +38,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .asteroid import (FQSSSystem, atomic_save, load_float_model, load_quantized_model, prepare_model,
-                       save_quantized_model)
-from .loss import FQSSLoss
-from .quant import QuantConfig, parameter_groups
+from ..atomic import atomic_save
+from ..loss import FQSSLoss
+from ..quant import QuantConfig, parameter_groups
+from .package import load_float_model, load_quantized_model, save_quantized_model
+from .system import FQSSSystem
+from .wrappers import prepare_model
 
 MODES = ("float", "vanilla", "fqss")
 METRICS = ["si_sdr", "sdr", "stoi"]

@@ -1,4 +1,4 @@
-"""Asteroid adapter: quantized wrappers for Asteroid's own modules.
+"""Quantized wrappers for Asteroid's own modules.
 
 Importing this module registers wrappers so that :func:`fqss_plugin.prepare` fully covers
 Asteroid's ``ConvTasNet`` and ``DPTNet`` (and every ``BaseEncoderMaskerDecoder`` built from the
@@ -18,27 +18,16 @@ Use :func:`prepare_model` (``prepare`` with the encoder/decoder names of Asteroi
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from asteroid import models as asteroid_models
-from asteroid.engine.system import System
-from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
 from asteroid.masknn.attention import DPTransformer, ImprovedTransformedLayer
 from asteroid.masknn.convolutional import TDConvNet
 from asteroid.masknn.norms import ChanLN, GlobLN
 from asteroid_filterbanks.enc_dec import Decoder, Encoder, multishape_conv1d, multishape_conv_transpose1d
-from asteroid.models.base_models import BaseModel
-from asteroid.utils.hub_utils import cached_download
 from torch import nn
-from torch.torch_version import TorchVersion
 
-from .atomic import atomic_path
-from .loss import FQSSLoss
-from .quant import QuantConfig, calibration_step, freeze, prepare, register
-from .quant.layers import (NORM_INTERNALS, Add, Mul, OutputQuantized, QAdd, QMul, QuantizedLayer, QuantizedModule,
-                           activation_quantizer)
-
+from ..quant import QuantConfig, prepare, register
+from ..quant.layers import (NORM_INTERNALS, Add, Mul, OutputQuantized, QAdd, QMul, QuantizedLayer, QuantizedModule,
+                            activation_quantizer)
 
 class QGlobLN(OutputQuantized, GlobLN):
     """Asteroid's global layer norm with a quantized output."""
@@ -171,135 +160,3 @@ for _float_type, _wrapper in [(GlobLN, QGlobLN), (ChanLN, QChanLN), (Encoder, QF
 def prepare_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     """:func:`fqss_plugin.prepare` for an Asteroid ``BaseEncoderMaskerDecoder`` (``encoder``/``decoder``)."""
     return prepare(model, config, encoder="encoder", decoder="decoder")
-
-
-# -- training -------------------------------------------------------------------------------------
-
-class FQSSSystem(System):
-    """Asteroid ``System`` for quantization-aware training with distillation from a float teacher.
-
-    Only ``common_step`` changes: training minimises :class:`~fqss_plugin.FQSSLoss` (the teacher's
-    estimate feeds its distillation term), validation reports the usual PIT negative SI-SDR in dB
-    as ``val_loss``. The teacher is held outside the registered submodules, so it is neither
-    optimised, nor checkpointed, nor switched to train mode by Lightning; it is moved to the
-    device when fitting starts. After every optimizer step, :func:`calibration_step` counts the
-    step for the calibrating quantizers (and averages their ranges over DDP ranks).
-    """
-
-    def __init__(self, model, optimizer, loss_func, train_loader, val_loader=None, scheduler=None, config=None,
-                 teacher: nn.Module | None = None) -> None:
-        super().__init__(model, optimizer, loss_func, train_loader, val_loader, scheduler, config)
-        self._teacher = [teacher.eval().requires_grad_(False)] if teacher is not None else []
-        self.validation_loss = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx")
-
-    @property
-    def teacher(self) -> nn.Module | None:
-        return self._teacher[0] if self._teacher else None
-
-    def on_fit_start(self) -> None:
-        if self.teacher is not None:
-            self.teacher.to(self.device).eval()
-
-    def common_step(self, batch, batch_nb, train=True):
-        inputs, targets = batch[0], batch[1]
-        estimate = self(inputs)
-        if not train:
-            return self.validation_loss(estimate, targets)
-        if not isinstance(self.loss_func, FQSSLoss):
-            return self.loss_func(estimate, targets)
-        teacher_estimate = None
-        if self.loss_func.lambda_kd > 0:
-            if self.teacher is None:
-                raise ValueError("FQSSSystem: the loss has lambda_kd > 0 but no teacher was given")
-            with torch.no_grad():
-                teacher_estimate = self.teacher(inputs)
-        loss = self.loss_func(estimate, targets, teacher_estimate)
-        if self.loss_func.distillation_share is not None:
-            self.log("kd_share", self.loss_func.distillation_share, on_epoch=True, on_step=False)
-        return loss
-
-    def optimizer_step(self, *args, **kwargs):
-        super().optimizer_step(*args, **kwargs)
-        calibration_step(self.model)
-
-
-# -- loading and saving models -------------------------------------------------------------------
-
-PACKAGE_FILES = ("best_model.pth", "model.pth", "pytorch_model.bin")
-
-
-def _load_package(path: Path) -> dict:
-    """``torch.load`` an Asteroid model package (it pickles ``torch.__version__`` as a TorchVersion)."""
-    try:
-        with torch.serialization.safe_globals([TorchVersion]):
-            package = torch.load(path, map_location="cpu")
-    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"{path}: not a readable Asteroid model package ({type(error).__name__}: {error})") from None
-    if not isinstance(package, dict) or not {"model_name", "model_args", "state_dict"} <= set(package):
-        raise ValueError(f"{path}: not an Asteroid model package (expected keys model_name, model_args, state_dict)")
-    return package
-
-
-def resolve_package(source: str | Path) -> dict:
-    """The model package at ``source``: a package file, a directory holding one, or a Hugging Face hub id.
-
-    Hub ids (e.g. ``JorisCos/ConvTasNet_Libri2Mix_sepclean_8k``) go through Asteroid's own
-    download code (``asteroid.utils.hub_utils.cached_download``), which honours ``HF_HUB_OFFLINE``
-    and ``ASTEROID_CACHE``.
-    """
-    path = Path(source)
-    if path.is_dir():
-        found = [path / name for name in PACKAGE_FILES if (path / name).is_file()]
-        if not found:
-            raise FileNotFoundError(f"{path}: no model package in this directory (looked for {', '.join(PACKAGE_FILES)})")
-        path = found[0]
-    elif not path.exists():
-        if Path(source).suffix in (".pth", ".bin", ".ckpt") or str(source).startswith((".", "/")):
-            raise FileNotFoundError(f"{source}: no such model file")
-        try:
-            path = Path(cached_download(str(source)))
-        except Exception as error:  # noqa: BLE001 - hub/network errors get one clear message
-            raise FileNotFoundError(f"{source}: not a local file or directory, and not available from the Hugging Face "
-                                    f"hub ({type(error).__name__}: {error})") from None
-    return _load_package(path)
-
-
-def load_float_model(source: str | Path) -> nn.Module:
-    """A float Asteroid model from a package file, a directory or a hub id (the FQSS teacher)."""
-    package = resolve_package(source)
-    if "fqss" in package:
-        raise ValueError(f"{source}: this is a quantized fqss model; a float teacher is needed here")
-    return BaseModel.from_pretrained(package)
-
-
-def load_quantized_model(source: str | Path) -> nn.Module:
-    """Rebuild a model saved by :func:`save_quantized_model`: float architecture, ``prepare``, strict load."""
-    package = resolve_package(source)
-    if "fqss" not in package:
-        raise ValueError(f"{source}: not a quantized fqss model (no 'fqss' entry); use load_float_model for float ones")
-    model = asteroid_models.get(package["model_name"])(**package["model_args"])
-    prepare_model(model, QuantConfig(**package["fqss"]["config"]))
-    try:
-        model.load_state_dict(package["state_dict"], strict=True)
-    except RuntimeError as error:
-        raise ValueError(f"{source}: its weights do not fit a quantized {package['model_name']} "
-                         f"({str(error).splitlines()[0]})") from None
-    if package["fqss"].get("frozen"):
-        freeze(model)
-    return model
-
-
-def save_quantized_model(model: nn.Module, path: str | Path, config: QuantConfig, infos: dict | None = None) -> Path:
-    """Write an Asteroid package (``serialize()``) plus the quantization config, atomically."""
-    package = model.serialize()
-    package["infos"] = {k: (str(v) if k == "software_versions" else v) for k, v in package.get("infos", {}).items()}
-    package["infos"].update(infos or {})
-    package["fqss"] = {"config": config.to_dict()}
-    return atomic_save(package, path)
-
-
-def atomic_save(obj, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same directory, then rename: never a half-written file."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-    return Path(path)

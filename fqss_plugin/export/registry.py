@@ -1,0 +1,107 @@
+"""What the export package knows of the toolkits: what their adapters register here.
+
+The export package never imports a toolkit adapter; each adapter, when imported, registers
+
+* its **export rewrites** (:func:`register_rewrite`): functions ``rewrite(view, options)`` that swap,
+  on the frozen export copy, the classes of the toolkit's modules for variants that compute the same
+  values with ops the ONNX exporter writes plainly; :func:`~fqss_plugin.export.view.export_view`
+  runs every registered rewrite after the generic ones;
+* its **package loader** (:func:`register_package_loader`): how ``fqss export --checkpoint`` recognises
+  and loads a trained model package of that toolkit.
+
+The adapters are found through the ``fqss_plugin.adapters`` entry points (``setup.cfg``); an
+adapter whose toolkit is not installed is skipped. A new toolkit's adapter adds one entry point and
+registers its rewrites and loader on import.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+ADAPTER_GROUP = "fqss_plugin.adapters"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """The options of :func:`~fqss_plugin.export.to_onnx` that rewrites read.
+
+    Attributes:
+        decoder: ``"conv"`` or ``"matmul"``: how a filterbank decoder (a transposed conv) is written.
+        staged_norm_means: take each mean of a global layer norm one axis at a time.
+    """
+
+    decoder: str = "conv"
+    staged_norm_means: bool = False
+
+
+Rewrite = Callable[[nn.Module, ExportOptions], None]
+
+
+@dataclass(frozen=True)
+class PackageLoader:
+    """How to recognise and load one toolkit's trained model package.
+
+    Attributes:
+        toolkit: the toolkit's name, for messages.
+        matches: ``matches(path)``: whether ``path`` (a file, a directory or a hub id) is such a package.
+        load: ``load(path)``: the quantized ``nn.Module``; ``ValueError``/``FileNotFoundError`` for a
+            float or malformed package.
+        executes_code: loading runs code from the package (e.g. a hyperpyyaml file): the command
+            line asks for ``--trust-package``.
+        describe: what a package of this toolkit is, for help and error messages.
+    """
+
+    toolkit: str
+    matches: Callable[[str], bool]
+    load: Callable[[str], nn.Module]
+    executes_code: bool = False
+    describe: str = ""
+
+
+_REWRITES: list[Rewrite] = []
+_LOADERS: list[PackageLoader] = []
+
+
+def register_rewrite(rewrite: Rewrite) -> Rewrite:
+    """Add ``rewrite`` to the export rewrites (once; usable as a decorator)."""
+    if rewrite not in _REWRITES:
+        _REWRITES.append(rewrite)
+    return rewrite
+
+
+def rewrites() -> list[Rewrite]:
+    return list(_REWRITES)
+
+
+def register_package_loader(loader: PackageLoader) -> None:
+    """Add ``loader`` (a toolkit registers one; registering it again replaces it)."""
+    _LOADERS[:] = [known for known in _LOADERS if known.toolkit != loader.toolkit] + [loader]
+
+
+def load_adapters() -> list[str]:
+    """Import every installed adapter (entry points of :data:`ADAPTER_GROUP`); return the toolkits loaded.
+
+    An adapter whose toolkit is missing (``ImportError``) is skipped."""
+    loaded = []
+    for entry in entry_points(group=ADAPTER_GROUP):
+        try:
+            importlib.import_module(entry.value)
+        except ImportError:
+            continue
+        loaded.append(entry.name)
+    return loaded
+
+
+def package_loader_for(source: str | Path) -> PackageLoader:
+    """The loader of the first installed adapter whose ``matches`` accepts ``source``."""
+    load_adapters()
+    for loader in _LOADERS:
+        if loader.matches(str(source)):
+            return loader
+    known = "; ".join(f"{loader.toolkit}: {loader.describe}" for loader in _LOADERS) or "no toolkit adapter installed"
+    raise FileNotFoundError(f"{source}: not a model package of any installed toolkit ({known})")
