@@ -3,7 +3,7 @@
 Everything runs through the recipe (``recipes/LibriMix/SepFormer/train.py``, in-process) with the
 embedded-size hparams (``sepformer-embedded-{float,vanilla,fqss}.yaml``):
 
-1. step time: ``FQSSSeparation.fit_batch`` of the three Brains, interleaved, on the same batch,
+1. step time: the recipe Brain's ``fit_batch`` of the three Brains, interleaved, on the same batch,
    past calibration (the FQSS step includes the float teacher's forward pass);
 2. the float SepFormer is trained from scratch (``--budget`` x ``--float-share`` minutes), or, with
    ``--float-run``, a finished float run of the recipe is taken as it is (the shipped teacher was made
@@ -77,8 +77,6 @@ def measure_step_times(libri2mix: Path, work: Path, repeats: int, batch_size: in
     import speechbrain as sb
     from hyperpyyaml import load_hyperpyyaml
 
-    from fqss_plugin.speechbrain import FQSSSeparation
-
     with open(work / "manifests" / "libri2mix_train-360.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))[:batch_size]
     signals = {key: torch.stack([sb.dataio.dataio.read_audio(row[f"{key}_wav"])[:segment] for row in rows])
@@ -98,8 +96,8 @@ def measure_step_times(libri2mix: Path, work: Path, repeats: int, batch_size: in
             overrides["calib_steps"] = 1                  # time the learning phase, the bulk of QAT
         with open(hparams_file(mode)) as handle:
             hparams = load_hyperpyyaml(handle, overrides)
-        brain = FQSSSeparation(modules=hparams["modules"], opt_class=hparams["optimizer"], hparams=hparams,
-                               run_opts={"device": "cpu"}, checkpointer=None)
+        brain = load_recipe().Separation(modules=hparams["modules"], opt_class=hparams["optimizer"],
+                                         hparams=hparams, run_opts={"device": "cpu"}, checkpointer=None)
         brain.on_fit_start()
         brain.on_stage_start(sb.Stage.TRAIN)
         brains[mode] = brain

@@ -111,6 +111,8 @@ class FQSSLoss(nn.Module):
         self.lambda_kd = lambda_kd
         self.task = task
         self.weight_range = weight_range
+        self.student_db: torch.Tensor | None = None
+        """Speech, ``average="db"``: the student's PIT SI-SDR in dB per example at the last call."""
         self.distillation_share: float | None = None
         """Speech: the distillation term's share of the last call's linear sum, ``λ·mean(w K) / (…)``,
         which is also its share of the gradient in dB. With the student ~25 dB from the teacher and
@@ -140,20 +142,35 @@ class FQSSLoss(nn.Module):
         weights = torch.pow(10.0, gap_db / 10.0).clamp(*self.weight_range)
         return weights / weights.mean()
 
-    def forward(self, estimate: torch.Tensor, target: torch.Tensor,
-                teacher_estimate: torch.Tensor | None = None) -> torch.Tensor:
+    def _checked_teacher(self, estimate: torch.Tensor, target: torch.Tensor,
+                         teacher_estimate: torch.Tensor | None) -> torch.Tensor | None:
         if estimate.shape != target.shape:
             raise ValueError(f"FQSSLoss: estimate shape {tuple(estimate.shape)} != target shape {tuple(target.shape)}")
-        distill = self.lambda_kd > 0
-        if distill and teacher_estimate is None:
+        if self.lambda_kd == 0:
+            return None
+        if teacher_estimate is None:
             raise ValueError("FQSSLoss: lambda_kd > 0 needs teacher_estimate (the float model's output)")
-        if distill and teacher_estimate.shape != estimate.shape:
+        if teacher_estimate.shape != estimate.shape:
             raise ValueError(f"FQSSLoss: teacher_estimate shape {tuple(teacher_estimate.shape)} != "
                              f"estimate shape {tuple(estimate.shape)}")
-        teacher_estimate = teacher_estimate.detach() if distill else None
+        return teacher_estimate.detach()
+
+    def per_example(self, estimate: torch.Tensor, target: torch.Tensor,
+                    teacher_estimate: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of each example, ``[B]`` (``average="db"``, speech: the mean over its sources); ``forward``
+        is their mean. Also sets :attr:`student_db`, the student's PIT SI-SDR in dB per example."""
+        if self.task != "sisdr" or self.average != "db":
+            raise ValueError("FQSSLoss.per_example: only with task='sisdr' and average='db' (the linear average "
+                             "and the L1 loss are batch quantities)")
+        return self._per_source_db(estimate, target, self._checked_teacher(estimate, target, teacher_estimate)).mean(1)
+
+    def forward(self, estimate: torch.Tensor, target: torch.Tensor,
+                teacher_estimate: torch.Tensor | None = None) -> torch.Tensor:
+        teacher_estimate = self._checked_teacher(estimate, target, teacher_estimate)
+        distill = teacher_estimate is not None
         lam = self.lambda_kd
         if self.task == "sisdr" and self.average == "db":
-            return self._per_source_db(estimate, target, teacher_estimate)
+            return self._per_source_db(estimate, target, teacher_estimate).mean()
         if self.task == "sisdr":
             task = (1 - lam) * pit_sisdr_linear(estimate, target).mean()
             value = task
@@ -170,13 +187,14 @@ class FQSSLoss(nn.Module):
 
     def _per_source_db(self, estimate: torch.Tensor, target: torch.Tensor,
                        teacher_estimate: torch.Tensor | None) -> torch.Tensor:
-        """``average="db"``: the log per example and source, the mean over both in dB. The PIT
-        alignments also give the dB gaps of the sample weights (no third pairwise matrix)."""
+        """``average="db"``: the loss of each example and source, ``[B, n_src]`` (the mean over both is the
+        loss). The PIT alignments also give the dB gaps of the sample weights (no third pairwise matrix)."""
         aligned, student_db = pit_aligned(estimate, target)
+        self.student_db = student_db.detach()
         task_db = sisdr_per_source_db(aligned, target)
         if teacher_estimate is None:
             self.distillation_share = 0.0
-            return -task_db.mean()
+            return -task_db
         lam = self.lambda_kd
         teacher_aligned, teacher_db = pit_aligned(teacher_estimate, target)
         weights = self.weights_from_gap(teacher_db - student_db)[:, None]
@@ -184,4 +202,4 @@ class FQSSLoss(nn.Module):
         task = (1 - lam) * torch.pow(10.0, task_db / 10)
         distill = lam * weights * torch.pow(10.0, kd_db / 10)
         self.distillation_share = float((distill / (task + distill)).detach().mean())
-        return -10 * torch.log10(task + distill + EPS).mean()
+        return -10 * torch.log10(task + distill + EPS)

@@ -15,7 +15,7 @@ import fqss_plugin as fq
 from fqss_plugin.quant import registry
 from fqss_plugin.quant.attention import ACTIVATION_POINTS
 from fqss_plugin.quant.quantizers import ActivationQuantizer, WeightQuantizer
-from fqss_plugin.speechbrain import (FQSSSeparation, QDual_Path_Model, QSBDecoder, QSBEncoder,
+from fqss_plugin.speechbrain import (FQSSBrainMixin, QDual_Path_Model, QSBDecoder, QSBEncoder,
                                      QuantizedSepformerSeparation, is_quantized, quantize_inplace,
                                      save_pretrained_separator, transfer_into_quantized)
 from tests.conftest import speech_like
@@ -204,7 +204,7 @@ def test_reset_layer_recursively_keeps_and_resets_the_quantizers():
     assert not any(hasattr(t, "reset_parameters") for t in set(quantizers.values()))   # the stock recipe's test
     weight = model.masknet.conv1d.weight.detach().clone()
     for module in modules.values():
-        FQSSSeparation.reset_layer_recursively(None, module)
+        FQSSBrainMixin.reset_layer_recursively(None, module)
     assert {n: type(m) for n, m in model.named_modules() if n in quantizers} == quantizers
     assert not torch.equal(weight, model.masknet.conv1d.weight)
     assert not any(bool(m.initialized) for m in model.modules() if isinstance(m, (ActivationQuantizer, WeightQuantizer)))

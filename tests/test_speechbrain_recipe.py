@@ -15,7 +15,7 @@ import torch
 
 from fqss_plugin.data.speech import SpeechConfig, generate_speech
 from fqss_plugin.quant.quantizers import ActivationQuantizer
-from fqss_plugin.speechbrain import FQSSSeparation, QuantizedSepformerSeparation, save_pretrained_separator
+from fqss_plugin.speechbrain import QuantizedSepformerSeparation, save_pretrained_separator
 from tests.test_speechbrain_adapter import TINY_OVERRIDES, tiny_modules
 
 REPO = Path(__file__).resolve().parent.parent
@@ -135,7 +135,8 @@ def test_resume_after_interruption_restores_quantizer_state(recipe, data, tmp_pa
     common = args("sepformer-embedded-fqss.yaml", data, out, "--pretrained_path", str(data["float"]),
                   "--N_epochs", "1", "--batch_size", "1", "--ckpt_interval_minutes", "0",
                   "--ckpt_interval_steps", "2")
-    original_fit_batch, original_fit_start = FQSSSeparation.fit_batch, FQSSSeparation.on_fit_start
+    brain = recipe.Separation
+    original_fit_batch, original_fit_start = brain.fit_batch, brain.on_fit_start
     calls = []
 
     def crashing_fit_batch(self, batch):
@@ -144,7 +145,7 @@ def test_resume_after_interruption_restores_quantizer_state(recipe, data, tmp_pa
         calls.append(1)
         return original_fit_batch(self, batch)
 
-    monkeypatch.setattr(FQSSSeparation, "fit_batch", crashing_fit_batch)
+    monkeypatch.setattr(brain, "fit_batch", crashing_fit_batch)
     with pytest.raises(Interrupted):
         recipe.main(common)
     checkpoints = sorted((out / "save").glob("CKPT+*"))
@@ -160,8 +161,8 @@ def test_resume_after_interruption_restores_quantizer_state(recipe, data, tmp_pa
         original_fit_start(self)
         recovered.update({k: v.clone() for k, v in self.hparams.MaskNet.state_dict().items() if "quantizer" in k})
 
-    monkeypatch.setattr(FQSSSeparation, "fit_batch", original_fit_batch)
-    monkeypatch.setattr(FQSSSeparation, "on_fit_start", recording_fit_start)
+    monkeypatch.setattr(brain, "fit_batch", original_fit_batch)
+    monkeypatch.setattr(brain, "on_fit_start", recording_fit_start)
     separator = recipe.main(common)
     assert recovered.keys() == {k for k in saved if "quantizer" in k}
     assert all(torch.equal(recovered[k], saved[k]) for k in recovered)
@@ -173,11 +174,10 @@ def test_resume_after_interruption_restores_quantizer_state(recipe, data, tmp_pa
 
 LAUNCHER = """
 import importlib.util, os, sys, torch
-from fqss_plugin.speechbrain import FQSSSeparation
 spec = importlib.util.spec_from_file_location("recipe_train", sys.argv[1])
 recipe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(recipe)
-evaluate = FQSSSeparation.evaluate
+evaluate = recipe.Separation.evaluate
 
 def dump_then_evaluate(self, *args, **kwargs):   # the state each rank trained, before the best checkpoint reloads
     state = {f"{key}.{name}": t for key in ("encoder", "masknet", "decoder")
@@ -186,7 +186,7 @@ def dump_then_evaluate(self, *args, **kwargs):   # the state each rank trained, 
     torch.save(state, os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.pt"))
     return evaluate(self, *args, **kwargs)
 
-FQSSSeparation.evaluate = dump_then_evaluate
+recipe.Separation.evaluate = dump_then_evaluate
 recipe.main(sys.argv[3:])
 """
 

@@ -129,7 +129,7 @@ class ActivationQuantizer(nn.Module):
                 warnings.warn(f"an ActivationQuantizer has observed {self._uncommitted} training batches and no "
                               "optimizer step has ended its calibration: call fqss_plugin.calibration_step(model) "
                               "after each optimizer step (or attach_calibration(optimizer, model)); a SpeechBrain "
-                              "recipe needs the FQSSSeparation Brain", stacklevel=2)
+                              "Brain needs fqss_plugin.speechbrain.fqss_brain", stacklevel=2)
         low, high = self._batch_range(x.detach().float())
         if bool(self.has_pending):
             low, high = torch.minimum(low, self.pending_min), torch.maximum(high, self.pending_max)

@@ -70,13 +70,15 @@ sb_checkpoints.DEFAULT_TRANSFER_HOOKS[QuantizedModule] = transfer_into_quantized
 
 
 
-def quantize_inplace(modules, config: QuantConfig, keep_float_teacher: bool = True, encoder: str = "encoder",
-                     decoder: str = "decoder") -> nn.ModuleDict | None:
+def quantize_inplace(modules, config: QuantConfig | None = None, keep_float_teacher: bool = True,
+                     encoder: str = "encoder", decoder: str = "decoder") -> nn.ModuleDict | None:
     """Quantize a recipe's ``modules`` in place; return their float copy (the teacher) or None.
 
     Meant for the recipe yaml, after ``modules:``::
 
         float_teacher: !apply:fqss_plugin.speechbrain.quantize_inplace [!ref <modules>, !ref <config>]
+
+    (``config`` defaults to :meth:`QuantConfig.fqss() <fqss_plugin.QuantConfig.fqss>`).
 
     Every module is converted in place (:func:`fqss_plugin.prepare`), so ``Encoder``, ``MaskNet``,
     ``modules``, the checkpointer's recoverables and the pretrainer's loadables, which all alias
@@ -85,9 +87,10 @@ def quantize_inplace(modules, config: QuantConfig, keep_float_teacher: bool = Tr
     quantizer), the last one of ``modules[decoder]`` the output combiner.
 
     The returned teacher is a deep copy of the modules *before* quantization, in eval mode, with
-    no trainable parameters; :class:`FQSSSeparation` gives it the student's pretrained float
-    weights when training starts. ``keep_float_teacher=False`` (vanilla QAT, inference) returns None.
+    no trainable parameters; a Brain decorated with :func:`~fqss_plugin.speechbrain.fqss_brain` gives it
+    the student's pretrained float weights when training starts. ``keep_float_teacher=False`` (vanilla QAT, inference) returns None.
     """
+    config = QuantConfig.fqss() if config is None else config
     if not isinstance(config, QuantConfig):
         raise TypeError(f"quantize_inplace: config must be a fqss_plugin.QuantConfig, got {type(config).__name__}")
     if not hasattr(modules, "items"):
@@ -107,6 +110,8 @@ def quantize_inplace(modules, config: QuantConfig, keep_float_teacher: bool = Tr
     first = _weighted_layers(holder[encoder], encoder)[0]
     last = _weighted_layers(holder[decoder], decoder)[-1]
     prepare(holder, config, encoder=_name_in(holder, first), decoder=_name_in(holder, last))
+    for module in holder.values():
+        module.fqss_config = config          # read by FQSSBrainMixin (the quantizers' learning rate)
     return teacher
 
 
