@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from .asteroid import resolve_package
-from .asteroid.recipe import RecipeError, load_model, parse_conf, score_test_set, train
+from .asteroid.recipe import RecipeError, load_model, parse_conf, score_test_set
 from .data.speech import SpeechConfig, generate_speech
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,8 +81,18 @@ def fine_tune(recipe: str, conf_name: str, teacher: str, data: Path, exp_dir: Pa
     if previous.is_file() and yaml.safe_load(previous.read_text()) != conf:
         print(f"{exp_dir}: made with another conf (an edited recipe or fqss version); training it afresh")
         shutil.rmtree(exp_dir)
-    train(conf, build_float=None)
+    recipe_train(recipe)(conf)
     return conf
+
+
+def recipe_train(recipe: str):
+    """The ``main(conf)`` of ``recipes/LibriMix/<recipe>/train.py``: the demo trains through the recipe itself."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"recipe_{recipe}_train", REPO / "recipes" / "LibriMix" / recipe /
+                                                  "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 def score(sources: dict[str, str | Path], conf: dict) -> tuple[dict[str, list[float]], list[str]]:

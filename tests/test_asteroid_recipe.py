@@ -11,8 +11,7 @@ import torch
 
 from fqss_plugin.asteroid import load_float_model, resolve_package
 from fqss_plugin.quant import ActivationQuantizer
-from fqss_plugin.asteroid.recipe import (RecipeError, evaluate, load_model, make_dataset, make_loaders, parse_conf,
-                                         train)
+from fqss_plugin.asteroid.recipe import RecipeError, evaluate, load_model, make_dataset, make_loaders, parse_conf
 from fqss_plugin.data.speech import SpeechConfig, generate_speech
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "LibriMix"
@@ -24,14 +23,14 @@ TINY_DPTNET = ["--n_filters", "16", "--kernel_size", "16", "--stride", "8", "--i
 
 
 def recipe_train_module(name: str):
-    """The recipe's own ``train.py`` (its ``build_float_model``)."""
+    """The recipe's own ``train.py`` (its ``main`` and ``build_float_model``)."""
     spec = importlib.util.spec_from_file_location(f"recipe_{name}_train", RECIPES / name / "train.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-build_float_model = recipe_train_module("ConvTasNet").build_float_model
+train = recipe_train_module("ConvTasNet").main
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +51,7 @@ def conf_for(mode: str, data_dir: Path, exp_dir: Path, *extra: str, recipe: str 
 @pytest.fixture(scope="module")
 def float_exp(data_dir, tmp_path_factory) -> Path:
     exp = tmp_path_factory.mktemp("exp") / "float"
-    train(conf_for("float", data_dir, exp), build_float_model)
+    train(conf_for("float", data_dir, exp))
     return exp
 
 
@@ -60,7 +59,7 @@ def float_exp(data_dir, tmp_path_factory) -> Path:
 def test_qat_runs_from_a_local_teacher_and_writes_asteroid_outputs(mode, data_dir, float_exp, tmp_path):
     exp = tmp_path / mode
     conf = conf_for(mode, data_dir, exp, "--pretrained", str(float_exp))
-    best = train(conf, build_float_model)
+    best = train(conf)
     assert best == exp / "best_model.pth"
     for name in ("conf.yml", "best_k_models.json", "checkpoints/last.ckpt"):
         assert (exp / name).is_file(), name
@@ -79,10 +78,10 @@ def test_qat_runs_from_a_local_teacher_and_writes_asteroid_outputs(mode, data_di
 
 
 def test_dptnet_recipe_trains_a_teacher_then_fqss(data_dir, tmp_path):
-    build = recipe_train_module("DPTNet").build_float_model
-    teacher = train(conf_for("float", data_dir, tmp_path / "float", recipe="DPTNet"), build)
+    train_dptnet = recipe_train_module("DPTNet").main
+    teacher = train_dptnet(conf_for("float", data_dir, tmp_path / "float", recipe="DPTNet"))
     conf = conf_for("fqss", data_dir, tmp_path / "fqss", "--pretrained", str(teacher.parent), recipe="DPTNet")
-    model = load_model(train(conf, build))
+    model = load_model(train_dptnet(conf))
     assert type(model.masker.layers[0][0].recurrent).__name__ == "QLSTM"
     assert type(model.masker.layers[0][0].mha).__name__ == "QMultiheadAttention"
     assert set(evaluate(conf, metrics=["si_sdr"])) == {"si_sdr", "si_sdr_imp"}
@@ -118,12 +117,12 @@ def test_teacher_loads_from_a_preseeded_hub_cache_offline(float_exp, tmp_path, m
 def test_interrupted_run_resumes_with_quantizer_state(data_dir, float_exp, tmp_path):
     exp = tmp_path / "fqss"
     calibrate = ("--pretrained", str(float_exp), "--calib_steps", "100")
-    train(conf_for("fqss", data_dir, exp, *calibrate), build_float_model)      # "interrupted" after epoch 1
+    train(conf_for("fqss", data_dir, exp, *calibrate))      # "interrupted" after epoch 1
     first = torch.load(exp / "checkpoints" / "last.ckpt", weights_only=True)
     key = "model.masker.bottleneck.1.output_quantizer"
     steps = first["global_step"]
     assert steps > 0 and int(first["state_dict"][f"{key}.steps_observed"]) == steps
-    train(conf_for("fqss", data_dir, exp, *calibrate, "--epochs", "2"), build_float_model)   # resumes: epoch 2 only
+    train(conf_for("fqss", data_dir, exp, *calibrate, "--epochs", "2"))   # resumes: epoch 2 only
     resumed = torch.load(exp / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["epoch"] == first["epoch"] + 1 and resumed["global_step"] == 2 * steps
     # the calibration counter went on from where it stopped (a fresh start would read `steps`)
@@ -131,7 +130,7 @@ def test_interrupted_run_resumes_with_quantizer_state(data_dir, float_exp, tmp_p
     # rerunning the finished run trains nothing and keeps the best checkpoint and its record
     record = json.loads((exp / "best_k_models.json").read_text())
     best = torch.load(exp / "best_model.pth", weights_only=False)["state_dict"]
-    train(conf_for("fqss", data_dir, exp, *calibrate, "--epochs", "2"), build_float_model)
+    train(conf_for("fqss", data_dir, exp, *calibrate, "--epochs", "2"))
     assert record and json.loads((exp / "best_k_models.json").read_text()) == record
     again = torch.load(exp / "best_model.pth", weights_only=False)["state_dict"]
     assert all(torch.equal(best[k], again[k]) for k in best)
@@ -143,21 +142,19 @@ def test_resume_refuses_a_checkpoint_this_run_cannot_continue(data_dir, float_ex
     exp = tmp_path / "reused"
     shutil.copytree(float_exp / "checkpoints", exp / "checkpoints")       # a float run's last.ckpt
     with pytest.raises(RecipeError, match=r"last.ckpt: does not match this model \(\d+ missing, \d+ unexpected"):
-        train(conf_for("fqss", data_dir, exp, "--pretrained", str(float_exp)), build_float_model)
+        train(conf_for("fqss", data_dir, exp, "--pretrained", str(float_exp)))
     qat = tmp_path / "qat"
-    train(conf_for("vanilla", data_dir, qat, "--pretrained", str(float_exp)), build_float_model)
+    train(conf_for("vanilla", data_dir, qat, "--pretrained", str(float_exp)))
     last = qat / "checkpoints" / "last.ckpt"
     state = torch.load(last, weights_only=True)
     groups = state["optimizer_states"][0]["param_groups"]
     groups[0]["params"] += groups.pop(1)["params"]                          # the one-group layout of older runs
     torch.save(state, last)
     with pytest.raises(RecipeError, match="last.ckpt: its optimizer has 1 parameter group"):
-        train(conf_for("vanilla", data_dir, qat, "--pretrained", str(float_exp), "--epochs", "2"),
-              build_float_model)
+        train(conf_for("vanilla", data_dir, qat, "--pretrained", str(float_exp), "--epochs", "2"))
     last.write_bytes(b"truncated")
     with pytest.raises(RecipeError, match="last.ckpt: not a readable Lightning checkpoint"):
-        train(conf_for("vanilla", data_dir, qat, "--pretrained", str(float_exp), "--epochs", "2"),
-              build_float_model)
+        train(conf_for("vanilla", data_dir, qat, "--pretrained", str(float_exp), "--epochs", "2"))
 
 
 def test_bad_inputs_fail_with_one_clear_message(data_dir, float_exp, tmp_path, monkeypatch):
@@ -189,19 +186,19 @@ def test_bad_inputs_fail_with_one_clear_message(data_dir, float_exp, tmp_path, m
         resolve_package(not_a_package)
     with pytest.raises(ValueError, match="quantized fqss model; a float teacher is needed"):
         exp = tmp_path / "q"
-        train(conf_for("vanilla", data_dir, exp, "--pretrained", str(float_exp)), build_float_model)
+        train(conf_for("vanilla", data_dir, exp, "--pretrained", str(float_exp)))
         load_float_model(exp / "best_model.pth")
     with pytest.raises(RecipeError, match="needs --pretrained"):
-        train(conf_for("fqss", data_dir, tmp_path / "nopre"), build_float_model)
+        train(conf_for("fqss", data_dir, tmp_path / "nopre"))
     a_file = tmp_path / "a_file"
     a_file.write_text("an earlier result")
     for exp in (a_file, a_file / "exp"):                 # output locations are checked before any work
         with pytest.raises(RecipeError, match=r"--exp_dir .*a_file.*: not a directory this run can write to"):
-            train(conf_for("float", data_dir, exp), build_float_model)
+            train(conf_for("float", data_dir, exp))
     (tmp_path / "blocked").mkdir()
     (tmp_path / "blocked" / "checkpoints").write_text("not a folder")
     with pytest.raises(RecipeError, match=r"--exp_dir .*blocked/checkpoints: not a directory"):
-        train(conf_for("float", data_dir, tmp_path / "blocked"), build_float_model)
+        train(conf_for("float", data_dir, tmp_path / "blocked"))
     assert a_file.read_text() == "an earlier result"
 
 

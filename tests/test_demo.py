@@ -13,13 +13,12 @@ def test_paired_delta_and_its_confidence_interval():
 
 
 def test_demo_runs_end_to_end_on_tiny_data(tmp_path, capsys):
-    from tests.test_asteroid_recipe import build_float_model, conf_for
-    from fqss_plugin.asteroid.recipe import train
+    from tests.test_asteroid_recipe import conf_for, train
     from fqss_plugin.data.speech import SpeechConfig, generate_speech
     generate_speech(SpeechConfig(out=tmp_path / "data", hours=0.004, train_speakers=4, eval_speakers=3,
                                  eval_mixtures=3, jobs=1, progress=False))
     teacher = tmp_path / "teacher"
-    train(conf_for("float", tmp_path / "data" / "data", teacher), build_float_model)
+    train(conf_for("float", tmp_path / "data" / "data", teacher))
     assert main(["--data", str(tmp_path / "data"), "--teacher", str(teacher), "--out", str(tmp_path / "out"),
                  "--epochs", "1", "--limit_train_batches", "2"]) == 0
     printed = capsys.readouterr().out

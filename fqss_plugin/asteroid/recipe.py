@@ -1,7 +1,6 @@
-"""The training and evaluation logic shared by the Asteroid recipes (``recipes/LibriMix/*``).
+"""The building blocks of the Asteroid recipes (``recipes/LibriMix/*``), whose ``train.py`` composes them.
 
-A recipe's ``train.py`` only says how to build its float model; everything else follows
-Asteroid's ``egs/librimix`` recipes: a nested ``conf.yml`` whose leaves are command-line flags,
+They follow Asteroid's ``egs/librimix`` recipes: a nested ``conf.yml`` whose leaves are command-line flags,
 ``asteroid.data.LibriMix`` datasets, ``PITLossWrapper``, a Lightning ``Trainer`` with top-k
 checkpoints, ``best_model.pth`` and ``eval/final_metrics.json`` from ``asteroid.metrics.get_metrics``.
 
@@ -41,9 +40,8 @@ from tqdm import tqdm
 from ..atomic import atomic_save
 from ..loss import FQSSLoss
 from ..quant import QuantConfig, parameter_groups
-from .package import load_float_model, load_quantized_model, save_quantized_model
+from .package import load_float_model, load_quantized_model, prepare_model, save_quantized_model
 from .system import FQSSSystem
-from .wrappers import prepare_model
 
 MODES = ("float", "vanilla", "fqss")
 METRICS = ["si_sdr", "sdr", "stoi"]
@@ -229,29 +227,28 @@ def writable_dir(path: Path, flag: str) -> Path:
     return path
 
 
-def train(conf: dict, build_float: Callable[[dict], nn.Module]) -> Path:
-    """Train (or fine-tune with QAT) and write ``best_model.pth``; resumes from ``checkpoints/last.ckpt``."""
+def start_experiment(conf: dict) -> Path:
+    """``--exp_dir`` (and its ``checkpoints/``) checked writable, ``conf.yml`` written, the seed set."""
     exp_dir = writable_dir(Path(conf["main_args"]["exp_dir"]), "--exp_dir")
     writable_dir(exp_dir / "checkpoints", "--exp_dir")
     with open(exp_dir / "conf.yml", "w") as handle:
         yaml.safe_dump(conf, handle)
-    seed = conf["training"]["seed"]
-    pl.seed_everything(seed, workers=True)
+    pl.seed_everything(conf["training"]["seed"], workers=True)
+    return exp_dir
 
-    train_loader, val_loader = make_loaders(conf)
 
+def make_loss(conf: dict) -> nn.Module:
+    """Float: Asteroid's PIT negative SI-SDR; QAT: :class:`~fqss_plugin.FQSSLoss` (no distillation for vanilla)."""
     mode = conf["quant"]["mode"]
-    config = None if mode == "float" else quant_config(conf)
-    model, teacher = build_models(conf, build_float, config)
-    params = model.parameters() if config is None else parameter_groups(model, config.quantizer_lr)
-    optimizer = make_optimizer(params, **conf["optim"])
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=5) \
-        if conf["training"]["half_lr"] else None
-    loss = PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx") if mode == "float" else \
-        FQSSLoss(lambda_kd=conf["quant"]["lambda_kd"] if mode == "fqss" else 0.0,
-                 average=conf["quant"].get("loss_average", "linear"))
-    system = FQSSSystem(model, optimizer, loss, train_loader, val_loader, scheduler, config=conf, teacher=teacher)
+    if mode == "float":
+        return PITLossWrapper(pairwise_neg_sisdr, pit_from="pw_mtx")
+    return FQSSLoss(lambda_kd=conf["quant"]["lambda_kd"] if mode == "fqss" else 0.0,
+                    average=conf["quant"].get("loss_average", "linear"))
 
+
+def make_trainer(conf: dict, exp_dir: Path) -> tuple[pl.Trainer, ModelCheckpoint]:
+    """The Lightning ``Trainer`` with Asteroid's callbacks (top-3 ``ModelCheckpoint`` on ``val_loss``,
+    ``EarlyStopping``) plus ``checkpoints/last.ckpt`` after every epoch (for resuming), and a CSV logger."""
     checkpoint_dir = exp_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, monitor="val_loss", mode="min", save_top_k=3, verbose=True)
     callbacks = [checkpoint, LastCheckpoint(checkpoint_dir / "last.ckpt")]
@@ -263,15 +260,21 @@ def train(conf: dict, build_float: Callable[[dict], nn.Module]) -> Path:
                          limit_train_batches=conf["training"]["limit_train_batches"],
                          limit_val_batches=conf["training"]["limit_val_batches"],
                          enable_progress_bar=conf["training"]["progress_bar"], deterministic="warn")
+    return trainer, checkpoint
+
+
+def fit(trainer: pl.Trainer, system: pl.LightningModule, exp_dir: Path) -> Path:
+    """``trainer.fit``, resumed from ``checkpoints/last.ckpt`` when a run left one (checked first); writes
+    ``best_k_models.json`` and returns the best checkpoint (``last.ckpt`` when none was scored)."""
+    checkpoint_dir = exp_dir / "checkpoints"
     last = checkpoint_dir / "last.ckpt"
     if last.is_file():
         check_resumable(last, system)
     trainer.fit(system, ckpt_path=str(last) if last.is_file() else None)
-
     best_k = top_k_scores(checkpoint_dir)
     with open(exp_dir / "best_k_models.json", "w") as handle:
         json.dump({str(path): score for path, score in best_k.items()}, handle, indent=0)
-    return write_best_model(conf, system.model, min(best_k, key=best_k.get) if best_k else last)
+    return min(best_k, key=best_k.get) if best_k else last
 
 
 def top_k_scores(checkpoint_dir: Path) -> dict[Path, float]:
@@ -358,17 +361,17 @@ def evaluate(conf: dict, model_path: str | Path | None = None, out_dir: str | Pa
     return final
 
 
-def _conf_from_argv(argv: list[str]) -> dict:
+def conf_from_argv(argv: list[str]) -> dict:
     conf_path = argv[argv.index("--conf") + 1] if "--conf" in argv else "conf/fqss.yml"
     conf = parse_conf(conf_path, argv)
     conf["main_args"]["exp_dir"] = conf["main_args"]["exp_dir"] or f"exp/{conf['quant']['mode']}"
     return conf
 
 
-def run_train(build_float: Callable[[dict], nn.Module], argv: list[str] | None = None) -> int:
-    """A recipe's ``train.py`` main: parse ``--conf`` + flags, train, report errors in one line."""
+def run(main: Callable[[dict], Path], argv: list[str] | None = None) -> int:
+    """A recipe's ``train.py`` entry point: parse ``--conf`` + flags, ``main(conf)``, errors in one line."""
     try:
-        print(f"best model: {train(_conf_from_argv(sys.argv[1:] if argv is None else argv), build_float)}")
+        print(f"best model: {main(conf_from_argv(sys.argv[1:] if argv is None else argv))}")
     except (RecipeError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -378,7 +381,7 @@ def run_train(build_float: Callable[[dict], nn.Module], argv: list[str] | None =
 def run_eval(argv: list[str] | None = None) -> int:
     """A recipe's ``eval.py`` main: evaluate ``<exp_dir>/best_model.pth`` on the test split."""
     try:
-        print(json.dumps(evaluate(_conf_from_argv(sys.argv[1:] if argv is None else argv)), indent=2))
+        print(json.dumps(evaluate(conf_from_argv(sys.argv[1:] if argv is None else argv)), indent=2))
     except (RecipeError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -14,7 +14,7 @@ same parts):
   overlap-add ``fold`` and the ``tanh x sigmoid`` gate); attention and LSTM internals are quantized
   by the core's ``QMultiheadAttention`` and ``QLSTM``.
 
-Use :func:`prepare_model` (``prepare`` with the encoder/decoder names of Asteroid models).
+:func:`fqss_plugin.asteroid.prepare_model` quantizes an Asteroid model with these wrappers.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from asteroid.masknn.norms import ChanLN, GlobLN
 from asteroid_filterbanks.enc_dec import Decoder, Encoder, multishape_conv1d, multishape_conv_transpose1d
 from torch import nn
 
-from ..quant import QuantConfig, prepare, register
+from ..quant import QuantConfig, register
 from ..quant.layers import (NORM_INTERNALS, Add, Mul, OutputQuantized, QAdd, QMul, QuantizedLayer, QuantizedModule,
                             activation_quantizer)
 
@@ -156,7 +156,3 @@ for _float_type, _wrapper in [(GlobLN, QGlobLN), (ChanLN, QChanLN), (Encoder, QF
                               (ImprovedTransformedLayer, QImprovedTransformedLayer), (DPTransformer, QDPTransformer)]:
     register(_float_type, _wrapper)
 
-
-def prepare_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
-    """:func:`fqss_plugin.prepare` for an Asteroid ``BaseEncoderMaskerDecoder`` (``encoder``/``decoder``)."""
-    return prepare(model, config, encoder="encoder", decoder="decoder")

@@ -9,6 +9,7 @@ the error. ``quantizer_lr`` (``QuantConfig.quantizer_lr``, ``1e-2`` by default: 
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .state import LEARNED_QUANTIZERS
@@ -37,3 +38,33 @@ def parameter_groups(model: nn.Module, quantizer_lr: float | None) -> list[dict]
     if not ranges or quantizer_lr is None:
         return [{"params": weights + ranges}]
     return [{"params": weights}, {"params": ranges, "lr": quantizer_lr, "weight_decay": 0.0}]
+
+
+def regroup_quantizer_parameters(optimizer: torch.optim.Optimizer, model: nn.Module,
+                                 quantizer_lr: float | None) -> bool:
+    """Move the quantizers' ranges of ``model`` out of ``optimizer``'s groups into a group of their own
+    (``lr=quantizer_lr``, no weight decay), in place; for an optimizer built over ``model.parameters()``.
+
+    A ``ReduceLROnPlateau`` built before keeps one ``min_lrs`` entry per group: give it one more
+    (:func:`extend_plateau_scheduler`). Returns whether a group was added (not when ``quantizer_lr`` is
+    None, the model has no quantizer, or they already have their own group).
+    """
+    ranges = {id(p) for p in quantizer_parameters(model)}
+    if quantizer_lr is None or not ranges:
+        return False
+    if any(group["params"] and all(id(p) in ranges for p in group["params"]) for group in optimizer.param_groups):
+        return False
+    moved = []
+    for group in optimizer.param_groups:
+        moved += [p for p in group["params"] if id(p) in ranges]
+        group["params"] = [p for p in group["params"] if id(p) not in ranges]
+    optimizer.add_param_group({"params": moved, "lr": quantizer_lr, "weight_decay": 0.0})
+    return True
+
+
+def extend_plateau_scheduler(scheduler, optimizer: torch.optim.Optimizer) -> None:
+    """Give a ``ReduceLROnPlateau`` built before :func:`regroup_quantizer_parameters` a ``min_lr`` for the new
+    group (the first group's)."""
+    min_lrs = getattr(scheduler, "min_lrs", None)
+    if isinstance(min_lrs, list) and min_lrs and len(min_lrs) < len(optimizer.param_groups):
+        min_lrs += [min_lrs[0]] * (len(optimizer.param_groups) - len(min_lrs))
