@@ -1,0 +1,99 @@
+"""The Demucs adapter on a tiny HTDemucs: the wrappers compute the float function, every layer is
+quantized, QAT steps run, and Demucs' own ``apply_model`` runs the quantized model."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from demucs.apply import apply_model
+from demucs.htdemucs import HTDemucs
+
+import fqss_plugin as fq
+from fqss_plugin.demucs import prepare_model
+from tests.conftest import relative_error
+
+SOURCES = ["drums", "bass", "other", "vocals"]
+
+
+def tiny_htdemucs(seed: int = 0) -> HTDemucs:
+    """Depth 2, 4 channels, one cross-transformer layer, norms from the first layer, 8 kHz."""
+    torch.manual_seed(seed)
+    return HTDemucs(sources=SOURCES, channels=4, depth=2, nfft=256, t_layers=1, t_heads=2, segment=1,
+                    samplerate=8000, dconv_comp=2, norm_starts=1)
+
+
+def music(batch: int = 1, seconds: float = 1.0, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(8000 * seconds)) / 8000
+    tones = torch.sin(2 * torch.pi * 220 * t) + 0.5 * torch.sin(2 * torch.pi * 330 * t)
+    return 0.1 * (tones + 0.3 * torch.randn(batch, 2, t.numel(), generator=gen))
+
+
+@pytest.fixture
+def calibrated(one_thread):
+    float_model = tiny_htdemucs().eval()
+    model = prepare_model(copy.deepcopy(float_model), fq.QuantConfig.vanilla(weight_bits=16, act_bits=16))
+    model.train()(music())
+    fq.calibration_step(model)
+    return float_model, model.eval()
+
+
+def test_at_16_bits_the_quantized_htdemucs_computes_the_float_function(calibrated):
+    float_model, model = calibrated
+    x = music()                                   # the calibration data: no value outside a range
+    with torch.no_grad():
+        assert relative_error(model(x), float_model(x)) < 1e-3
+
+
+def test_every_layer_of_both_branches_and_the_transformer_is_quantized(calibrated):
+    _, model = calibrated
+    report = fq.coverage_report(model, music())
+    assert report.float_modules == []
+    points = set(report.points())
+    for name in ("encoder.0.conv.input_quantizer", "tencoder.0.conv.input_quantizer",   # both branch inputs
+                 "decoder.1.skip_add.output_quantizer", "tdecoder.0.skip_add.output_quantizer",
+                 "encoder.0.dconv.residual_adds.0.output_quantizer", "encoder.0.dconv.layers.0.6.scale_quantizer",
+                 "freq_emb_add.output_quantizer", "crosstransformer.position_quantizer",
+                 "crosstransformer.layers.0.attention_add.output_quantizer",
+                 "crosstransformer.layers.0.activation.output_quantizer"):
+        assert name in points, name
+    float_ops = {op.split(" in ")[0] for op in report.float_ops}
+    assert {"conv1d", "conv2d", "linear", "gelu", "glu", "layer_norm", "group_norm"}.isdisjoint(float_ops)
+
+
+def test_float_demucs_weights_load_with_upstream_names():
+    float_model = tiny_htdemucs(seed=3)
+    model = prepare_model(tiny_htdemucs(seed=4), fq.QuantConfig.vanilla())
+    missing, unexpected = model.load_state_dict(float_model.state_dict(), strict=False)
+    assert unexpected == [] and missing and all("quantizer" in k for k in missing)
+
+
+def test_qat_steps_with_the_music_loss_then_demucs_apply_model(one_thread):
+    teacher = tiny_htdemucs().eval()
+    model = prepare_model(copy.deepcopy(teacher), fq.QuantConfig.vanilla(calib_steps=2))
+    loss_fn = fq.FQSSLoss(lambda_kd=0.1, task="l1")
+    optimizer = torch.optim.Adam(fq.parameter_groups(model, 1e-2), lr=1e-3)
+    fq.attach_calibration(optimizer, model)
+    mix = music(batch=2, seed=2)
+    target = torch.stack([mix * w for w in (0.4, 0.3, 0.2, 0.1)], dim=1)     # [B, 4 sources, 2, T]
+    losses = []
+    for _ in range(4):
+        with torch.no_grad():
+            teacher_estimate = teacher(mix)
+        loss = loss_fn(model.train()(mix), target, teacher_estimate)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    steps = {int(q.steps_observed) for q in model.modules() if isinstance(q, fq.quant.ActivationQuantizer)}
+    assert steps == {2}                          # calibrated for 2 steps, then learned
+    estimates = apply_model(model.eval(), music(seconds=2.5, seed=5), shifts=1, split=True, overlap=0.25,
+                            progress=False, device="cpu")
+    assert estimates.shape == (1, 4, 2, 20000) and torch.isfinite(estimates).all()
+
+
+def test_split_inputs_are_refused_until_supported():
+    with pytest.raises(ValueError, match="not supported for HTDemucs"):
+        prepare_model(tiny_htdemucs(), fq.QuantConfig.fqss())
