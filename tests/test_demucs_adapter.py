@@ -11,6 +11,7 @@ from demucs.htdemucs import HTDemucs
 
 import fqss_plugin as fq
 from fqss_plugin.demucs import prepare_model
+from fqss_plugin.quant.signal_io import SplitActivationQuantizer
 from tests.conftest import relative_error
 
 SOURCES = ["drums", "bass", "other", "vocals"]
@@ -33,7 +34,7 @@ def music(batch: int = 1, seconds: float = 1.0, seed: int = 0) -> torch.Tensor:
 @pytest.fixture
 def calibrated(one_thread):
     float_model = tiny_htdemucs().eval()
-    model = prepare_model(copy.deepcopy(float_model), fq.QuantConfig.vanilla(weight_bits=16, act_bits=16))
+    model = prepare_model(copy.deepcopy(float_model), fq.QuantConfig.fqss(weight_bits=16, act_bits=16))
     model.train()(music())
     fq.calibration_step(model)
     return float_model, model.eval()
@@ -64,14 +65,14 @@ def test_every_layer_of_both_branches_and_the_transformer_is_quantized(calibrate
 
 def test_float_demucs_weights_load_with_upstream_names():
     float_model = tiny_htdemucs(seed=3)
-    model = prepare_model(tiny_htdemucs(seed=4), fq.QuantConfig.vanilla())
+    model = prepare_model(tiny_htdemucs(seed=4))
     missing, unexpected = model.load_state_dict(float_model.state_dict(), strict=False)
     assert unexpected == [] and missing and all("quantizer" in k for k in missing)
 
 
 def test_qat_steps_with_the_music_loss_then_demucs_apply_model(one_thread):
     teacher = tiny_htdemucs().eval()
-    model = prepare_model(copy.deepcopy(teacher), fq.QuantConfig.vanilla(calib_steps=2))
+    model = prepare_model(copy.deepcopy(teacher), fq.QuantConfig.fqss(calib_steps=2))
     loss_fn = fq.FQSSLoss(lambda_kd=0.1, task="l1")
     optimizer = torch.optim.Adam(fq.parameter_groups(model, 1e-2), lr=1e-3)
     fq.attach_calibration(optimizer, model)
@@ -94,6 +95,14 @@ def test_qat_steps_with_the_music_loss_then_demucs_apply_model(one_thread):
     assert estimates.shape == (1, 4, 2, 20000) and torch.isfinite(estimates).all()
 
 
-def test_split_inputs_are_refused_until_supported():
-    with pytest.raises(ValueError, match="not supported for HTDemucs"):
-        prepare_model(tiny_htdemucs(), fq.QuantConfig.fqss())
+def test_fqss_carries_both_inputs_and_outputs_on_two_8_bit_tensors(one_thread):
+    """FQSS: both branch inputs split, both branch outputs combined (exact at 16 bits: the other tests);
+    vanilla: one learned 8-bit quantizer per branch input, no combiner."""
+    fqss = prepare_model(tiny_htdemucs())
+    vanilla = prepare_model(tiny_htdemucs(), fq.QuantConfig.vanilla())
+    for first in ("encoder.0.conv", "tencoder.0.conv"):
+        assert isinstance(fqss.get_submodule(first).input_quantizer, SplitActivationQuantizer)
+        assert isinstance(vanilla.get_submodule(first).input_quantizer, fq.quant.ActivationQuantizer)
+    for last in ("decoder.1.conv_tr", "tdecoder.1.conv_tr"):
+        assert fqss.get_submodule(last).output_combiner.splits == 2
+        assert vanilla.get_submodule(last).output_combiner is None

@@ -17,8 +17,8 @@ upstream                            quantized here
 ``MyTransformerEncoderLayer``,      both residual sums, the feed-forward activation (a module)
 ``CrossTransformerEncoderLayer``
 ``CrossTransformerEncoder``         the positional embeddings (quantized constants) and their sums
-``HTDemucs``                        the frequency-embedding sum; both branches' first convs get an
-                                    input splitter, both last transposed convs an output combiner
+``HTDemucs``                        the frequency-embedding sum (both branches' inputs and outputs:
+                                    :func:`fqss_plugin.demucs.prepare_model`)
 ==================================  ===============================================================
 
 Float by design: the STFT/iSTFT (complex), the per-example input statistics (mean, std) and the
