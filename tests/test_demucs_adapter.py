@@ -106,3 +106,17 @@ def test_fqss_carries_both_inputs_and_outputs_on_two_8_bit_tensors(one_thread):
     for last in ("decoder.1.conv_tr", "tdecoder.1.conv_tr"):
         assert fqss.get_submodule(last).output_combiner.splits == 2
         assert vanilla.get_submodule(last).output_combiner is None
+
+
+def test_quantized_package_reloads_through_demucs_own_get_model(calibrated, tmp_path):
+    from demucs.pretrained import get_model
+
+    from fqss_plugin.demucs import FQSSHTDemucs, save_quantized_model
+
+    _, model = calibrated
+    save_quantized_model(model, tmp_path / "tinyq.th")
+    reloaded = get_model("tinyq", repo=tmp_path)          # Demucs' local repository route, unchanged
+    assert isinstance(reloaded, FQSSHTDemucs) and reloaded.fqss_config == model.fqss_config
+    x = music(seed=7)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))

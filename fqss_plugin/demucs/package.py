@@ -1,15 +1,27 @@
-"""Quantizing a Demucs model: :func:`prepare_model` for HTDemucs (two branches: two inputs, two outputs)."""
+"""Quantizing and packaging a Demucs model.
+
+* :func:`prepare_model` quantizes an ``HTDemucs`` in place (two branches: two inputs, two outputs) and
+  makes it an :class:`FQSSHTDemucs`;
+* :class:`FQSSHTDemucs` builds itself quantized from the constructor arguments plus ``fqss_config``, so
+  :func:`save_quantized_model` writes Demucs' own package format (``klass``, ``args``, ``kwargs``,
+  ``state``) and Demucs' own loaders, ``demucs.states.load_model`` and
+  ``demucs.pretrained.get_model(sig, repo=<dir>)``, rebuild the quantized model.
+"""
 from __future__ import annotations
 
 import dataclasses
+import inspect
+from pathlib import Path
 
 from demucs.htdemucs import HTDemucs
+from demucs.states import get_state
 from torch import nn
 
+from ..atomic import atomic_save
 from ..quant import QuantConfig, prepare
 from ..quant.layers import activation_quantizer
 from ..quant.signal_io import OutputCombiner, SplitActivationQuantizer
-from . import wrappers  # noqa: F401  (registers the wrappers that prepare uses)
+from .wrappers import QHTDemucs
 
 
 def branch_layers(model: HTDemucs) -> tuple[list[str], list[str]]:
@@ -47,4 +59,42 @@ def prepare_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mod
     if config.out_splits > 1:
         for name in lasts:
             model.get_submodule(name).output_combiner = OutputCombiner(config.act_bits, config.out_splits, None)
+    model.__class__ = FQSSHTDemucs
+    model.fqss_config = config
     return model
+
+
+class FQSSHTDemucs(QHTDemucs):
+    """A quantized HTDemucs that builds itself: ``FQSSHTDemucs(*args, fqss_config=..., **kwargs)`` is
+    ``prepare_model(HTDemucs(*args, **kwargs), QuantConfig(**fqss_config))`` (the FQSS preset by default)."""
+
+    fqss_config: QuantConfig
+
+    def __init__(self, *args, fqss_config: dict | QuantConfig | None = None, **kwargs) -> None:
+        HTDemucs.__init__(self, *args, **kwargs)
+        self.__class__ = HTDemucs                     # prepare_model converts it as any HTDemucs
+        config = fqss_config if isinstance(fqss_config, QuantConfig) else \
+            QuantConfig(**fqss_config) if fqss_config else None
+        prepare_model(self, config)
+
+
+def _with_config_parameter(cls: type) -> inspect.Signature:
+    """``HTDemucs``'s signature plus ``fqss_config``: Demucs' loader drops every keyword argument that the
+    class's signature does not name."""
+    parameters = list(inspect.signature(cls).parameters.values())
+    return inspect.Signature(parameters + [inspect.Parameter("fqss_config", inspect.Parameter.KEYWORD_ONLY,
+                                                             default=None)])
+
+
+FQSSHTDemucs.__signature__ = _with_config_parameter(HTDemucs)
+
+
+def save_quantized_model(model: FQSSHTDemucs, path: str | Path) -> Path:
+    """Demucs' package of a quantized model (``klass``, ``args``, ``kwargs`` with ``fqss_config``, ``state``),
+    written atomically; name it ``<signature>.th`` in a folder for ``get_model(signature, repo=folder)``."""
+    if not isinstance(model, FQSSHTDemucs):
+        raise ValueError(f"save_quantized_model: {type(model).__name__} is not a quantized HTDemucs (use prepare_model)")
+    args, kwargs = model._init_args_kwargs
+    package = {"klass": FQSSHTDemucs, "args": args, "kwargs": {**kwargs, "fqss_config": model.fqss_config.to_dict()},
+               "state": get_state(model, None, half=False)}
+    return atomic_save(package, path)
