@@ -8,6 +8,8 @@ The same shape as every toolkit adapter:
   :func:`save_quantized_model`: Demucs' own package format, which ``demucs.pretrained.get_model``
   reloads.
 
+* :mod:`.audio_io` -- a soundfile backend for Demucs' own MUSDB18-HQ dataset code (``demucs.wav``).
+
 To come in the same shape: the training glue (a Demucs solver step with the FQSS loss) and the export
 rewrites.
 """
