@@ -1,0 +1,68 @@
+"""The HTDemucs recipe on the toy MUSDB18-HQ: float, then FQSS QAT from its package, resumed, scored by museval."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fqss_plugin.data.music import MusicConfig, generate_music
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "MUSDB18" / "HTDemucs"
+TINY = ["htdemucs.channels=4", "htdemucs.depth=2", "htdemucs.nfft=512", "htdemucs.t_layers=1", "htdemucs.t_heads=2",
+        "htdemucs.dconv_comp=2", "optim.batch_size=2", "augment.remix.group_size=2", "test.shifts=0"]
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("htdemucs_recipe_train", RECIPE / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def musdb_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("musdb")
+    generate_music(MusicConfig(out=root, train_tracks=3, test_tracks=1, valid_tracks=1, seconds=4.0, jobs=1,
+                               progress=False))
+    return root
+
+
+def run(recipe, conf: str, root: Path, exp: Path, *extra: str):
+    return recipe.main([str(RECIPE / "conf" / conf), f"dset.musdb={root}", f"dset.metadata={exp.parent / 'meta'}",
+                        f"exp_dir={exp}", *TINY, *extra])
+
+
+def test_float_then_fqss_then_resume(musdb_root, tmp_path, one_thread):
+    from demucs.pretrained import get_model
+
+    from fqss_plugin.demucs import FQSSHTDemucs
+
+    recipe = load_recipe()
+    float_package = run(recipe, "float.yaml", musdb_root, tmp_path / "float", "optim.epochs=1")
+    results = json.loads((tmp_path / "float" / "test_results.json").read_text())
+    assert set(results["sources"]) == {"drums", "bass", "other", "vocals"} and len(results["tracks"]) == 1
+
+    exp = tmp_path / "fqss"
+    run(recipe, "fqss.yaml", musdb_root, exp, f"pretrained={float_package}", "optim.epochs=1", "quant.calib_steps=2")
+    assert len(json.loads((exp / "history.json").read_text())) == 1
+    run(recipe, "fqss.yaml", musdb_root, exp, f"pretrained={float_package}", "optim.epochs=2", "quant.calib_steps=2")
+    history = json.loads((exp / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]              # resumed: epoch 2 only
+    model = get_model("best", repo=exp)                              # Demucs' own loader
+    assert isinstance(model, FQSSHTDemucs)
+    steps = {int(m.steps_observed) for m in model.modules() if type(m).__name__ == "ActivationQuantizer"}
+    assert steps == {2}
+    assert "sdr_median" in json.loads((exp / "test_results.json").read_text())
+
+
+def test_bad_inputs_name_the_key_or_path(musdb_root, tmp_path):
+    recipe = load_recipe()
+    with pytest.raises(recipe.RecipeError, match="ephocs"):
+        run(recipe, "float.yaml", musdb_root, tmp_path / "x", "optim.ephocs=3")
+    with pytest.raises(recipe.RecipeError, match="pretrained"):
+        run(recipe, "fqss.yaml", musdb_root, tmp_path / "y")
+    with pytest.raises(recipe.RecipeError, match="dset.musdb"):
+        run(recipe, "float.yaml", tmp_path / "nowhere", tmp_path / "z")
