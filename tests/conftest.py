@@ -71,3 +71,14 @@ def error_after_one_calibration_step(float_model: torch.nn.Module, quantized: to
     quantized.train()(x)
     fq.calibration_step(quantized)
     return relative_error(quantized.eval()(x), float_model.eval()(x))
+
+
+def load_script(path, name: str | None = None):
+    """A recipe script (``train.py``) imported as a module, without running its ``__main__`` block."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(name or f"recipe_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

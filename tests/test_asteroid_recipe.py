@@ -1,5 +1,4 @@
 """The Asteroid LibriMix ConvTasNet recipe end to end on tiny generated data (debug-sized)."""
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +12,7 @@ from fqss_plugin.asteroid import load_float_model, resolve_package
 from fqss_plugin.quant import ActivationQuantizer
 from fqss_plugin.asteroid.recipe import RecipeError, evaluate, load_model, make_dataset, make_loaders, parse_conf
 from fqss_plugin.data.speech import SpeechConfig, generate_speech
+from tests.conftest import load_script
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "LibriMix"
 RECIPE = RECIPES / "ConvTasNet"
@@ -24,10 +24,7 @@ TINY_DPTNET = ["--n_filters", "16", "--kernel_size", "16", "--stride", "8", "--i
 
 def recipe_train_module(name: str):
     """The recipe's own ``train.py`` (its ``main`` and ``build_float_model``)."""
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}_train", RECIPES / name / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RECIPES / name / "train.py", f"recipe_{name}_train")
 
 
 train = recipe_train_module("ConvTasNet").main

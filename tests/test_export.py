@@ -195,7 +195,7 @@ def test_clear_errors(trained, tmp_path):
         to_onnx(trained[1], tmp_path / "x.onnx", decoder="fft")
     with pytest.raises(ExportError, match="4-bit activation quantizer.*8-bit activations only"):
         to_onnx(prepare_model(tiny_convtasnet(), fq.QuantConfig.fqss(act_bits=4)), tmp_path / "4bit.onnx")
-    from asteroid.models import DPTNet                  # overlap-add as pads and sums needs chunk = k * hop
+    # overlap-add as pads and sums needs chunk = k * hop
     dptnet = prepare_model(tiny_dptnet(chunk_size=20, hop_size=7), fq.QuantConfig.fqss(calib_steps=1))
     with torch.no_grad():
         dptnet.train()(torch.randn(1, 2000))

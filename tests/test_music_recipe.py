@@ -1,14 +1,13 @@
 """The HTDemucs recipe on the toy MUSDB18-HQ: float, then FQSS QAT from its package, resumed, scored by museval."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from fqss_plugin.data.music import MusicConfig, generate_music
+from tests.conftest import load_script
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "MUSDB18" / "HTDemucs"
 TINY = ["htdemucs.channels=4", "htdemucs.depth=2", "htdemucs.nfft=512", "htdemucs.t_layers=1", "htdemucs.t_heads=2",
@@ -16,10 +15,7 @@ TINY = ["htdemucs.channels=4", "htdemucs.depth=2", "htdemucs.nfft=512", "htdemuc
 
 
 def load_recipe():
-    spec = importlib.util.spec_from_file_location("htdemucs_recipe_train", RECIPE / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RECIPE / "train.py", "htdemucs_recipe_train")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ float / vanilla / FQSS runs, pretrained weights from a local directory and from 
 Face cache (offline), recovery of the quantizer state after an interruption, two-process DDP with
 torchrun, and clear errors for bad inputs."""
 import csv
-import importlib.util
 import os
 import socket
 import subprocess
@@ -16,6 +15,7 @@ import torch
 from fqss_plugin.data.speech import SpeechConfig, generate_speech
 from fqss_plugin.quant.quantizers import ActivationQuantizer
 from fqss_plugin.speechbrain import QuantizedSepformerSeparation, save_pretrained_separator
+from tests.conftest import load_script
 from tests.test_speechbrain_adapter import TINY_OVERRIDES, tiny_modules
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,10 +25,7 @@ SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def load_recipe():
-    spec = importlib.util.spec_from_file_location("sepformer_recipe_train", RECIPE / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RECIPE / "train.py", "sepformer_recipe_train")
 
 
 @pytest.fixture(scope="module")

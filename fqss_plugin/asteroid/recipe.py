@@ -27,7 +27,6 @@ import soundfile as sf
 import torch
 import yaml
 from asteroid.data import LibriMix
-from asteroid.engine.optimizers import make_optimizer
 from asteroid.losses import PITLossWrapper, pairwise_neg_sisdr
 from asteroid.metrics import get_metrics
 from asteroid.utils import parse_args_as_dict, prepare_parser_from_dict
@@ -39,9 +38,8 @@ from tqdm import tqdm
 
 from ..atomic import atomic_save
 from ..loss import FQSSLoss
-from ..quant import QuantConfig, parameter_groups
+from ..quant import QuantConfig
 from .package import load_float_model, load_quantized_model, prepare_model, save_quantized_model
-from .system import FQSSSystem
 
 MODES = ("float", "vanilla", "fqss")
 METRICS = ["si_sdr", "sdr", "stoi"]

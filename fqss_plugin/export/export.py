@@ -15,7 +15,7 @@ from torch import nn
 from ..atomic import atomic_path
 from . import passes, saturation
 from .recurrent import expand_lstm_recurrences
-from .view import ExportError, WaveformSeparator, export_view, quantizer_calls
+from .view import ExportError, export_view, quantizer_calls
 
 TAG = "fqss:"
 """Prefix of the names given to the activation QuantizeLinear nodes (``fqss:<module name>``)."""

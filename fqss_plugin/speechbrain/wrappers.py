@@ -28,6 +28,8 @@ The core already converts what these contain: ``nn.MultiheadAttention`` (inside
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from speechbrain.lobes.models.dual_path import (CumulativeLayerNorm, Decoder, Dual_Computation_Block, Dual_Path_Model,
                                                 Encoder, GlobalLayerNorm, SBTransformerBlock)
