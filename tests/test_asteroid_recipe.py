@@ -7,10 +7,12 @@ import huggingface_hub
 import pytorch_lightning
 import pytest
 import torch
+import yaml
 
 from fqss_plugin.asteroid import load_float_model, resolve_package
 from fqss_plugin.quant import ActivationQuantizer
-from fqss_plugin.asteroid.recipe import RecipeError, evaluate, load_model, make_dataset, make_loaders, parse_conf
+from fqss_plugin.asteroid.recipe import (RecipeError, evaluate, load_model, make_dataset, make_loaders, parse_conf,
+                                         top_k_scores)
 from fqss_plugin.data.speech import SpeechConfig, generate_speech
 from tests.conftest import load_script
 
@@ -18,7 +20,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "LibriMix"
 RECIPE = RECIPES / "ConvTasNet"
 TINY_MODEL = ["--n_filters", "16", "--kernel_size", "16", "--stride", "8", "--bn_chan", "8", "--hid_chan", "16",
               "--skip_chan", "8", "--n_blocks", "2", "--n_repeats", "1"]
-TINY_DPTNET = ["--n_filters", "16", "--kernel_size", "16", "--stride", "8", "--in_chan", "16", "--bn_chan", "16",
+TINY_DPTNET = ["--n_filters", "16", "--kernel_size", "16", "--stride", "8", "--in_chan", "16",
                "--n_heads", "2", "--ff_hid", "8", "--chunk_size", "20", "--hop_size", "10", "--n_repeats", "1"]
 
 
@@ -197,6 +199,28 @@ def test_bad_inputs_fail_with_one_clear_message(data_dir, float_exp, tmp_path, m
     with pytest.raises(RecipeError, match=r"--exp_dir .*blocked/checkpoints: not a directory"):
         train(conf_for("float", data_dir, tmp_path / "blocked"))
     assert a_file.read_text() == "an earlier result"
+
+
+def test_conf_typos_and_corrupt_checkpoints_are_named(data_dir, float_exp, tmp_path):
+    """A key the recipe would ignore, a model argument it does not take, a truncated top-k checkpoint: one
+    RecipeError each, naming the file or key (never a silent default or a traceback without a name)."""
+    conf = yaml.safe_load((RECIPES / "ConvTasNet" / "conf" / "float.yml").read_text())
+    conf["training"]["ephocs"] = 1
+    typo = tmp_path / "typo.yml"
+    typo.write_text(yaml.safe_dump(conf))
+    with pytest.raises(RecipeError, match=r"typo.yml: unknown key training.ephocs \(did you mean 'epochs'\?\)"):
+        parse_conf(typo, [])
+    del conf["training"]["ephocs"]
+    conf["filterbank"]["n_filter"] = 64
+    typo.write_text(yaml.safe_dump(conf))
+    with pytest.raises(RecipeError, match="filterbank/masknet: .*n_filter"):
+        train(parse_conf(typo, ["--exp_dir", str(tmp_path / "e"), "--data_dir", str(data_dir)]))
+    checkpoint = next((float_exp / "checkpoints").glob("epoch=*.ckpt"))
+    broken = tmp_path / "checkpoints" / checkpoint.name
+    broken.parent.mkdir()
+    broken.write_bytes(checkpoint.read_bytes()[:4096])
+    with pytest.raises(RecipeError, match=f"{broken.name}: unreadable checkpoint"):
+        top_k_scores(broken.parent)
 
 
 class ConstantValidation(pytorch_lightning.LightningModule):

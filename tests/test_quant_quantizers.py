@@ -1,4 +1,5 @@
 """ActivationQuantizer / WeightQuantizer: grids, gradients, range safety, calibration life cycle."""
+import pytest
 import torch
 from torch import nn
 
@@ -228,3 +229,13 @@ def test_lsq_gradients_match_autograd_of_the_straight_through_formula():
     assert torch.allclose(ours[0], x.grad)
     assert torch.allclose(ours[1], scale.grad * 0.5, rtol=1e-4)
     assert torch.allclose(ours[2], zero_point.grad * 0.5, rtol=1e-4)
+
+
+def test_training_under_autocast_warns_once(monkeypatch):
+    from fqss_plugin.quant.quantizers import ActivationQuantizer
+    monkeypatch.setattr(ActivationQuantizer, "_warned_autocast", False)
+    quantizer = ActivationQuantizer().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.warns(UserWarning, match="autocast"):
+            quantizer(torch.randn(8))
+    assert ActivationQuantizer._warned_autocast

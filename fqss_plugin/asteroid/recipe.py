@@ -53,6 +53,36 @@ class RecipeError(ValueError):
     """A problem with the recipe's inputs (paths, data, checkpoints), stated for the user."""
 
 
+CONF_KEYS = {
+    "data": {"data_dir", "task", "sample_rate", "librimix_mode", "test_split", "n_src", "segment"},
+    "training": {"epochs", "batch_size", "num_workers", "half_lr", "early_stop", "gradient_clip",
+                 "limit_train_batches", "limit_val_batches", "progress_bar", "seed"},
+    "quant": {"mode", "lambda_kd", "weight_bits", "act_bits", "decoder_in_splits", "encoder_out_splits",
+              "calib_steps", "calib_method", "quantizer_lr", "loss_average"},
+    "optim": None, "filterbank": None, "masknet": None,     # passed on as keyword arguments (checked there)
+}
+"""The sections of a recipe conf and the keys the recipe reads (None: any key, passed on to a constructor)."""
+
+
+def check_conf_keys(conf: dict, path: Path) -> None:
+    """One :class:`RecipeError` naming the first section or key of ``conf`` that the recipe would ignore."""
+    import difflib
+
+    def unknown(name: str, known) -> RecipeError:
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        return RecipeError(f"{path}: unknown key {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                           + f"; known: {', '.join(sorted(known))}")
+    for section, values in conf.items():
+        if section not in CONF_KEYS:
+            raise unknown(section, CONF_KEYS)
+        keys = CONF_KEYS[section]
+        if keys is not None and isinstance(values, dict):
+            for key in values:
+                if key not in keys:
+                    error = unknown(key, keys)
+                    raise RecipeError(str(error).replace(f"key {key!r}", f"key {section}.{key}", 1)) from None
+
+
 def parse_conf(conf_path: str | Path, argv: list[str] | None = None) -> dict:
     """Asteroid's recipe convention: every leaf of the yaml is also a ``--flag``."""
     conf_path = Path(conf_path)
@@ -60,6 +90,7 @@ def parse_conf(conf_path: str | Path, argv: list[str] | None = None) -> dict:
         raise RecipeError(f"--conf {conf_path}: no such file")
     with open(conf_path) as handle:
         defaults = yaml.safe_load(handle)
+    check_conf_keys(defaults, conf_path)
     parser = argparse.ArgumentParser()
     parser.add_argument("--conf", default=str(conf_path))
     parser.add_argument("--exp_dir", default=None, help="experiment directory (default: exp/<tag>)")
@@ -134,12 +165,32 @@ def quant_config(conf: dict) -> QuantConfig:
                   **optional)
 
 
+def check_model_keys(conf: dict, model_class: type) -> None:
+    """Asteroid models pass unknown keyword arguments on to their filterbank, which ignores them: a
+    ``filterbank``/``masknet`` key that ``model_class`` does not name is a :class:`RecipeError`."""
+    import inspect
+    named = {name for name, p in inspect.signature(model_class).parameters.items()
+             if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    for section in ("filterbank", "masknet"):
+        unknown = sorted(set(conf.get(section) or {}) - named)
+        if unknown:
+            raise RecipeError(f"filterbank/masknet: {section}.{unknown[0]} is not an argument of "
+                              f"{model_class.__name__} (it takes {', '.join(sorted(named))})")
+
+
 def build_models(conf: dict, build_float: Callable[[dict], nn.Module],
                  config: QuantConfig | None) -> tuple[nn.Module, nn.Module | None]:
     """(model to train, float teacher or None) for the configured mode (``config`` is None in float mode)."""
     mode, pretrained = conf["quant"]["mode"], conf["main_args"]["pretrained"]
     if config is None:
-        return (load_float_model(pretrained) if pretrained else build_float(conf)), None
+        if pretrained:
+            return load_float_model(pretrained), None
+        try:
+            model = build_float(conf)
+        except TypeError as error:          # a filterbank/masknet key the model does not take
+            raise RecipeError(f"filterbank/masknet: {error}") from None
+        check_model_keys(conf, type(model))
+        return model, None
     if not pretrained:
         raise RecipeError(f"quant.mode={mode} needs --pretrained (the float model: hub id, directory or file)")
     teacher = load_float_model(pretrained)
@@ -275,6 +326,18 @@ def fit(trainer: pl.Trainer, system: pl.LightningModule, exp_dir: Path) -> Path:
     return min(best_k, key=best_k.get) if best_k else last
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A Lightning checkpoint (weights only); an unreadable one is a :class:`RecipeError` naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - truncated, corrupt or foreign files: one clear message
+        raise RecipeError(f"{path}: unreadable checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                          "delete it (or the run) and train again") from None
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise RecipeError(f"{path}: not a Lightning checkpoint of this recipe (no state_dict)")
+    return state
+
+
 def top_k_scores(checkpoint_dir: Path) -> dict[Path, float]:
     """``val_loss`` of every top-k checkpoint file in ``checkpoint_dir``, as recorded in the file itself.
 
@@ -283,7 +346,7 @@ def top_k_scores(checkpoint_dir: Path) -> dict[Path, float]:
     """
     scores = {}
     for path in sorted(checkpoint_dir.glob("epoch=*.ckpt")):
-        callbacks = torch.load(path, map_location="cpu", weights_only=True).get("callbacks", {})
+        callbacks = load_checkpoint(path).get("callbacks", {})
         for key, state in callbacks.items():
             if key.startswith("ModelCheckpoint") and state.get("current_score") is not None:
                 scores[path] = float(state["current_score"])
@@ -296,7 +359,7 @@ def write_best_model(conf: dict, model: nn.Module, checkpoint: str | Path) -> Pa
     Also the way to package a float teacher from a run that is still going (or was interrupted):
     ``write_best_model(conf, build_float_model(conf), "exp/float/checkpoints/last.ckpt")``.
     """
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    state = load_checkpoint(Path(checkpoint))["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
     mode = conf["quant"]["mode"]
     infos = {"seed": conf["training"]["seed"], "training_mode": mode, "pretrained": conf["main_args"]["pretrained"],

@@ -116,6 +116,8 @@ class ActivationQuantizer(nn.Module):
         return (m * self.running_min + (1 - m) * self.pending_min,
                 m * self.running_max + (1 - m) * self.pending_max)
 
+    _warned_autocast = False           # one warning per process
+
     UNCOMMITTED_WARNING = 500
     """Batches a calibrating quantizer observes without any optimizer step committing them before it warns (a
     training loop that never calls :func:`~fqss_plugin.quant.calibration.calibration_step`)."""
@@ -161,6 +163,10 @@ class ActivationQuantizer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not ActivationQuantizer._warned_autocast and torch.is_autocast_enabled(x.device.type):
+            ActivationQuantizer._warned_autocast = True
+            warnings.warn("fake quantization under fp16/bf16 autocast: the quantizers put rounded values on their "
+                          "grids (a QAT run drifts away from the fp32 one); train in fp32", stacklevel=2)
         if not bool(self.initialized) or (self.training and self.calibrating):
             self.observe(x)
         scale, zero_point = self.scale(), self.zero_point

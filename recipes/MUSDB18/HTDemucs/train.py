@@ -44,11 +44,13 @@ def load_conf(argv: list[str]):
     """The yaml (merged over its ``defaults`` yaml) with ``dotted.key=value`` overrides of existing keys."""
     if not argv or not Path(argv[0]).is_file():
         raise RecipeError(f"usage: train.py CONF.yaml [key=value ...]; {argv[0] if argv else 'no conf'}: no such file")
-    conf = OmegaConf.load(argv[0])
-    if "defaults" in conf:
-        conf = OmegaConf.merge(OmegaConf.load(Path(argv[0]).parent / conf.pop("defaults")), conf)
-    OmegaConf.set_struct(conf, True)               # an override of a key that does not exist is an error
     try:
+        conf = OmegaConf.load(argv[0])
+        if "defaults" in conf:                      # a key that the defaults yaml does not have is an error
+            base = OmegaConf.load(Path(argv[0]).parent / conf.pop("defaults"))
+            OmegaConf.set_struct(base, True)
+            conf = OmegaConf.merge(base, conf)
+        OmegaConf.set_struct(conf, True)           # so is an override of a key that does not exist
         return OmegaConf.merge(conf, OmegaConf.from_dotlist(argv[1:]))
     except OmegaConfBaseException as error:
         raise RecipeError(f"{argv[0]}: {str(error).splitlines()[0]}") from None
