@@ -12,6 +12,8 @@ import sys
 
 COMMANDS: dict[str, tuple[str, ...]] = {
     "make-data": ("fqss_plugin.data.cli", "generate the embedded datasets (Libri2Mix / MUSDB18-HQ layouts)"),
+    "analyze": ("fqss_plugin.analysis", "the SDR bound of b-bit signals, measured SDR and per-group sensitivity, "
+                "with plots"),
     "export": ("fqss_plugin.export.cli", "export a trained fqss model package to an int8 ONNX model (onnxruntime)"),
     "separate": ("fqss_plugin.export.cli", "separate wav files with an exported ONNX model (onnxruntime)",
                  "add_separate_arguments", "run_separate"),

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..export.registry import ExportOptions, PackageLoader, register_package_loader, register_rewrite
 from ..export.view import ExportError, swap_class
-from .package import PACKAGE_FILES, load_quantized_model
+from .package import PACKAGE_FILES, load_float_model, load_quantized_model
 from .wrappers import QChanLN, QFilterbankDecoder, QFilterbankEncoder, QGlobLN
 
 
@@ -165,6 +165,6 @@ def _is_package(source: str) -> bool:
 
 
 register_package_loader(PackageLoader(
-    toolkit="asteroid", matches=_is_package, load=load_quantized_model,
+    toolkit="asteroid", matches=_is_package, load=load_quantized_model, load_float=load_float_model,
     describe=f"a model package written by an fqss Asteroid recipe ({', '.join(PACKAGE_FILES)}), its directory, "
              "or a Hugging Face hub id"))

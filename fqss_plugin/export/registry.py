@@ -54,6 +54,7 @@ class PackageLoader:
         executes_code: loading runs code from the package (e.g. a hyperpyyaml file): the command
             line asks for ``--trust-package``.
         describe: what a package of this toolkit is, for help and error messages.
+        load_float: ``load_float(path)``: a float model from such a package (None: not offered).
     """
 
     toolkit: str
@@ -61,6 +62,7 @@ class PackageLoader:
     load: Callable[[str], nn.Module]
     executes_code: bool = False
     describe: str = ""
+    load_float: Callable[[str], nn.Module] | None = None
 
 
 _REWRITES: list[Rewrite] = []
