@@ -429,7 +429,7 @@ of under {(sizes['fp32'] / 3.8 - tensors_8bit_affines) / 1000:.0f} KB. The speed
 channels here), take {shares['float compute'] + shares['Q/DQ']:.0f} ms. The gLN statistics span channels and time,
 so they are computed per run in float; folding the normalisation and affine into the next convolution would
 still leave those statistics (a DequantizeLinear, two ReduceMean and a Mul per norm: see the op times above
-and README, "Int8 deployment", for that fold measured by graph surgery), so 2.5x needs a model whose norm
+and docs/export.md, for that fold measured by graph surgery), so 2.5x needs a model whose norm
 statistics are fixed (batch norm).
 Goals: int8 >= 2.5x faster than onnxruntime fp32 at 1 thread and >= 3.8x smaller.
 """
@@ -533,7 +533,7 @@ profiler, 1 thread, ms per 4 s mixture; the fp32 file for comparison):
 - time, int8: {', '.join(f'{k} {v:.1f}' for k, v in shares['int8'].items())};
   fp32: {', '.join(f'{k} {v:.1f}' for k, v in shares['fp32'].items())}.
   The float gLN islands (with their DQ/Q) now cost more than all integer kernels together: they are why
-  the speed-up stays under the 2.5x goal (alternatives tried: README, "Int8 deployment").
+  the speed-up stays under the 2.5x goal (alternatives tried: docs/export.md).
 
 Why the output SNR of this {len(teacher.masker.TCN)}-block model stays near {parity.snr_db:.0f} dB while the 3-block test model reaches
 48 dB: the local disagreements above (onnxruntime rounds each conv's float bias to int32, and the gLN
