@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> Path:
     exp_dir = Path(conf.exp_dir)
     exp_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(conf, exp_dir / "conf.yaml")
-    train_set, valid_set = make_datasets(conf)
     model, teacher, config = build_models(conf)
+    train_set, valid_set = make_datasets(conf)
     params = model.parameters() if config is None else fq.parameter_groups(model, config.quantizer_lr)
     optimizer = torch.optim.Adam(params, lr=conf.optim.lr)
     if config is not None:
