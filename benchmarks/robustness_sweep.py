@@ -30,7 +30,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.report import publish  # noqa: E402
+from benchmarks.report import command_line, publish  # noqa: E402
 
 PYTHON = sys.executable
 FQSS = [PYTHON, "-m", "fqss_plugin.cli"]
@@ -219,9 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     counts = {kind: sum(outcome == kind for _, outcome, _ in results)
               for kind in ("clear error", "correct", "vague error", "traceback", "silently wrong")}
     lines = ["| area | case | expected | outcome | last line |", "|---|---|---|---|---|"]
-    lines += [f"| {case.area} | {case.name} | {case.expect} | {outcome} | `{last.replace('|', '/')}` |"
-              for case, outcome, last in results]
-    body = (f"{len(results)} cases: " + ", ".join(f"{n} {kind}" for kind, n in counts.items()) + ".\n\n"
+    lines += [f"| {case.area} | {case.name} | {case.expect} | {outcome} | "
+              f"`{last.replace(str(root), '<tmp>').replace('|', '/')}` |" for case, outcome, last in results]
+    from fqss_plugin.export.cpu import describe_cpu
+    body = (f"`{command_line()}` ({describe_cpu()}; the outcomes do not depend on the CPU)\n\n"
+            f"{len(results)} cases: " + ", ".join(f"{n} {kind}" for kind, n in counts.items()) + ".\n\n"
             + "\n".join(lines))
     publish("Robustness sweep (bad inputs and faults)", body, not args.no_write)
     return 0 if counts["clear error"] + counts["correct"] == len(results) else 1
