@@ -34,8 +34,8 @@ class FQSSSystem(System):
             self.loss_func = FQSSLoss.fqss()
 
     def configure_optimizers(self):
-        config = getattr(model := self.model, "fqss_config", None)
-        if config is not None and regroup_quantizer_parameters(self.optimizer, model, config.quantizer_lr):
+        config = getattr(self.model, "fqss_config", None)
+        if config is not None and regroup_quantizer_parameters(self.optimizer, self.model, config.quantizer_lr):
             for scheduler in self.scheduler if isinstance(self.scheduler, (list, tuple)) else [self.scheduler]:
                 extend_plateau_scheduler(scheduler.get("scheduler") if isinstance(scheduler, dict) else scheduler,
                                          self.optimizer)
