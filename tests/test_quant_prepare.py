@@ -197,3 +197,19 @@ def test_register_adds_toolkit_module_types():
         fq.quant.registry._WRAPPERS.pop(Swish)
     with pytest.raises(TypeError, match="must subclass"):
         fq.register(Swish, QConv1d)
+
+
+def test_layer_weight_bits_give_each_named_layer_its_own_weight_precision():
+    from tests.toy_models import ToySeparator
+    config = fq.QuantConfig.fqss(layer_weight_bits={"decoder": 4, "encoder": 6})
+    model = fq.prepare(ToySeparator(), config, encoder="encoder", decoder="decoder")
+    bits = {name: m.bits for name, m in model.named_modules() if isinstance(m, fq.quant.WeightQuantizer)}
+    assert bits["decoder.weight_quantizer"] == 4 and bits["encoder.weight_quantizer"] == 6
+    assert all(b == config.weight_bits for n, b in bits.items() if not n.startswith(("decoder", "encoder")))
+    assert {m.bits for m in model.encoder.input_splitter.weight_quantizers} == {6}
+    assert fq.QuantConfig(**config.to_dict()) == config                   # round-trips through packages
+    with pytest.raises(ValueError, match="'decodr', which is not a module"):
+        fq.prepare(ToySeparator(), fq.QuantConfig.fqss(layer_weight_bits={"decodr": 4}), encoder="encoder",
+                   decoder="decoder")
+    with pytest.raises(ValueError, match="layer_weight_bits"):
+        fq.QuantConfig(layer_weight_bits={"decoder": 1})

@@ -1,7 +1,7 @@
 """What to quantize and how: one small dataclass shared by every toolkit adapter."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass
@@ -38,6 +38,9 @@ class QuantConfig:
         quantizer_lr: learning rate of the quantizers' (log-)steps and zero points, given to the
             optimizer by :func:`~fqss_plugin.quant.parameter_groups`; ``None``: the optimizer's own.
         exclude: names of modules (as in ``named_modules``) to leave in float.
+        layer_weight_bits: per-layer weight bits, ``{module name: bits}`` (names as in ``named_modules`` of the
+            model given to :func:`~fqss_plugin.prepare`; a name also covers the modules inside it): mixed
+            precision, e.g. ``{"masker.TCN.3": 4}``. Layers not named take ``weight_bits``.
     """
 
     weight_bits: int = 7
@@ -53,6 +56,7 @@ class QuantConfig:
     learn_ranges: bool = True
     quantizer_lr: float | None = 1e-2
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    layer_weight_bits: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "act_bits"):
@@ -72,6 +76,18 @@ class QuantConfig:
         if self.quantizer_lr is not None and not (isinstance(self.quantizer_lr, (int, float)) and self.quantizer_lr > 0):
             raise ValueError(f"QuantConfig.quantizer_lr must be a positive number or None, got {self.quantizer_lr!r}")
         self.exclude = tuple(self.exclude)
+        self.layer_weight_bits = dict(self.layer_weight_bits)
+        bad = {k: v for k, v in self.layer_weight_bits.items() if not isinstance(v, int) or not 2 <= v <= 16}
+        if bad:
+            raise ValueError(f"QuantConfig.layer_weight_bits: bits must be integers in 2..16, got {bad}")
+
+    def for_module(self, name: str) -> QuantConfig:
+        """This config with the ``weight_bits`` of module ``name`` (the longest entry of ``layer_weight_bits``
+        that is ``name`` or contains it); ``self`` when none applies."""
+        owners = [key for key in self.layer_weight_bits if name == key or name.startswith(key + ".")]
+        if not owners:
+            return self
+        return replace(self, weight_bits=self.layer_weight_bits[max(owners, key=len)], layer_weight_bits={})
 
     @classmethod
     def fqss(cls, **overrides) -> QuantConfig:

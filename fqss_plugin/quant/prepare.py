@@ -28,12 +28,17 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, encoder: str | 
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare: model must be a torch.nn.Module, got {type(model).__name__}")
     excluded = config.exclude
+    names = [name for name, _ in model.named_modules()]
+    unknown = [key for key in config.layer_weight_bits if not any(n == key or n.startswith(key + ".") for n in names)]
+    if unknown:
+        raise ValueError(f"prepare: layer_weight_bits names {unknown[0]!r}, which is not a module of "
+                         f"{type(model).__name__}")
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedModule) or any(name == e or name.startswith(e + ".") for e in excluded):
             continue
         wrapper = wrapper_for(module)
         if wrapper is not None:
-            wrapper.convert_(module, config)
+            wrapper.convert_(module, config.for_module(name))
 
     normalize = config.normalize_input and config.in_splits > 1
     signal_scale = SignalScale() if normalize else None
@@ -46,7 +51,8 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, encoder: str | 
             raise ValueError(f"prepare: encoder={encoder!r} already has an input splitter/quantizer (prepared twice?)")
         if config.in_splits > 1:
             layer.input_splitter = InputSplitter(layer.weight, layer.weight_axis, config.act_bits, config.in_splits,
-                                                 config.weight_bits, signal_scale, config.learn_ranges)
+                                                 config.for_module(encoder).weight_bits, signal_scale,
+                                                 config.learn_ranges)
         else:
             layer.input_quantizer = activation_quantizer(config)
         if config.encoder_out_splits > 1:
