@@ -213,3 +213,31 @@ def test_layer_weight_bits_give_each_named_layer_its_own_weight_precision():
                    decoder="decoder")
     with pytest.raises(ValueError, match="layer_weight_bits"):
         fq.QuantConfig(layer_weight_bits={"decoder": 1})
+
+
+def test_allocate_weight_bits_meets_the_budget_and_spares_the_sensitive_layer(one_thread):
+    from fqss_plugin.quant.mixed_precision import allocate_weight_bits, weighted_layers
+    from tests.toy_models import ToySeparator
+    torch.manual_seed(0)
+    float_model = ToySeparator().eval()
+    model = fq.prepare(copy.deepcopy(float_model), fq.QuantConfig.vanilla(weight_bits=8, act_bits=16),
+                       encoder="encoder", decoder="decoder")
+    x = speech_like(batch=2, length=4000)
+    model.train()(x)
+    calibration_step(model)
+    model.eval()
+    with torch.no_grad():
+        target = float_model(x)
+
+    def score(net):                                     # higher is better: SNR to the float output
+        return float(10 * torch.log10(target.pow(2).sum() / (net(x) - target).pow(2).sum()))
+
+    bits, report = allocate_weight_bits(model, score, budget_bits=6.0, candidates=(8, 6, 4))
+    assert set(bits) == set(weighted_layers(model)) and report["average_bits"] <= 6.0
+    # the layer that loses most at 4 bits is not among the first lowered to 4 bits
+    worst = max(report["loss"], key=lambda name: report["loss"][name][4])
+    assert bits[worst] >= min(bits.values())
+    assert bits[worst] > 4 or all(b == 4 for b in bits.values())
+    requantized = fq.prepare(copy.deepcopy(float_model), fq.QuantConfig.vanilla(layer_weight_bits=bits),
+                             encoder="encoder", decoder="decoder")
+    assert {n: m.weight_quantizer.bits for n, m in weighted_layers(requantized).items()} == bits
