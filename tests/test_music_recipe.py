@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fqss_plugin.data.music import MusicConfig, generate_music
 from tests.conftest import load_script
@@ -62,3 +63,29 @@ def test_bad_inputs_name_the_key_or_path(musdb_root, tmp_path):
         run(recipe, "fqss.yaml", musdb_root, tmp_path / "y")
     with pytest.raises(recipe.RecipeError, match="dset.musdb"):
         run(recipe, "float.yaml", tmp_path / "nowhere", tmp_path / "z")
+
+
+def test_torchrun_two_processes_train_fqss(musdb_root, tmp_path):
+    """DDP on CPUs (gloo): two ranks split each batch, calibrate in step, rank 0 writes."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    recipe = load_recipe()
+    float_package = run(recipe, "float.yaml", musdb_root, tmp_path / "float", "optim.epochs=1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exp = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+               "train.py", "conf/fqss.yaml", f"dset.musdb={musdb_root}", f"dset.metadata={tmp_path / 'meta'}",
+               f"exp_dir={exp}", f"pretrained={float_package}", "optim.epochs=1", "quant.calib_steps=1",
+               *[t for t in TINY if not t.startswith("optim.batch_size")], "optim.batch_size=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, cwd=RECIPE, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    history = json.loads((exp / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1]
+    state = torch.load(exp / "checkpoint.th", weights_only=True)["model"]
+    assert {int(v) for k, v in state.items() if k.endswith("steps_observed")} == {1}

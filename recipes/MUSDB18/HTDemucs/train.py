@@ -4,6 +4,7 @@
     python train.py conf/float.yaml   dset.musdb=/data/musdb18hq
     python train.py conf/vanilla.yaml dset.musdb=/data/musdb18hq pretrained=exp/float/best.th
     python train.py conf/fqss.yaml    dset.musdb=/data/musdb18hq pretrained=exp/float/best.th
+    torchrun --nproc_per_node=2 train.py conf/fqss.yaml ...     # DDP on CPUs (gloo): the batch is split over ranks
 
 Keys of the yaml are overridden as ``dotted.key=value``, as in Demucs' configs. A run resumes from
 ``<exp_dir>/checkpoint.th`` (model, optimizer, epoch, best score); outputs in ``<exp_dir>``: ``conf.yaml``,
@@ -13,6 +14,7 @@ not) and ``test_results.json`` (museval on the test tracks: :mod:`fqss_plugin.mu
 """
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +27,9 @@ from demucs.states import load_model, serialize_model
 from demucs.wav import get_musdb_wav_datasets
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
 import fqss_plugin as fq
 from fqss_plugin.atomic import atomic_path, atomic_save
@@ -114,11 +118,19 @@ def save_package(model, config, conf, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     conf = load_conf(sys.argv[1:] if argv is None else argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")        # torchrun on CPUs
+    main_rank = not distributed or torch.distributed.get_rank() == 0
     torch.manual_seed(conf.seed)
     exp_dir = Path(conf.exp_dir)
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(conf, exp_dir / "conf.yaml")
+    if main_rank:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(conf, exp_dir / "conf.yaml")
     model, teacher, config = build_models(conf)
+    if distributed:                                          # Demucs' metadata cache: written by rank 0 first
+        import demucs.distrib
+        demucs.distrib.init()
     train_set, valid_set = make_datasets(conf)
     params = model.parameters() if config is None else fq.parameter_groups(model, config.quantizer_lr)
     optimizer = torch.optim.Adam(params, lr=conf.optim.lr)
@@ -134,11 +146,16 @@ def main(argv: list[str] | None = None) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         history, best, start = state["history"], state["best"], state["epoch"]
         print(f"resuming {exp_dir} after epoch {start}")
-    loader = DataLoader(train_set, batch_size=conf.optim.batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(conf.seed + start))
+    sampler = DistributedSampler(train_set, shuffle=True, seed=conf.seed, drop_last=True) if distributed else None
+    per_rank = conf.optim.batch_size // (torch.distributed.get_world_size() if distributed else 1)
+    loader = DataLoader(train_set, batch_size=max(per_rank, 1), shuffle=sampler is None, sampler=sampler,
+                        drop_last=True, generator=torch.Generator().manual_seed(conf.seed + start))
+    trained = DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
     if not len(loader):
         raise RecipeError(f"{len(train_set)} training examples: fewer than optim.batch_size={conf.optim.batch_size}")
     for epoch in range(start, conf.optim.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         model.train()
         total = 0.0
         for sources in loader:
@@ -148,13 +165,15 @@ def main(argv: list[str] | None = None) -> Path:
             if teacher is not None and loss_fn.lambda_kd > 0:
                 with torch.no_grad():
                     teacher_estimate = teacher(mix)
-            loss = loss_fn(model(mix), sources, teacher_estimate)
+            loss = loss_fn(trained(mix), sources, teacher_estimate)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), conf.optim.clip_grad)
             optimizer.step()
             total += float(loss)
         row = {"epoch": epoch + 1, "train_loss": total / len(loader)}
+        if not main_rank:                                    # rank 0 validates and writes
+            continue
         if (epoch + 1) % conf.valid_every == 0 or epoch + 1 == conf.optim.epochs:
             row["valid_nsdr"] = validate(model, valid_set)
             if row["valid_nsdr"] > best:
@@ -167,6 +186,10 @@ def main(argv: list[str] | None = None) -> Path:
         with atomic_path(exp_dir / "history.json") as tmp:
             tmp.write_text(json.dumps(history, indent=1))
 
+    if distributed:
+        torch.distributed.barrier()
+        if not main_rank:
+            return exp_dir / "best.th"
     best_model = load_model(exp_dir / "best.th").eval()
 
     def separate(mixture, rate):
