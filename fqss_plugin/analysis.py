@@ -52,12 +52,6 @@ def quantize_signal(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(torch.round(x / step), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * step
 
 
-def si_sdr_db(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """PIT SI-SDR per example (mean over sources), ``[B, n_src, T] -> [B]``."""
-    from .loss import pit_sisdr_db
-    return pit_sisdr_db(estimate, reference)
-
-
 def read_mixtures(csv_path: Path, limit: int | None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """``(id, mixture [T], sources [n_src, T])`` from a LibriMix metadata CSV (Asteroid's local metadata)."""
     import soundfile as sf
@@ -87,11 +81,11 @@ def separate(model: torch.nn.Module, mixture: torch.Tensor) -> torch.Tensor:
 def analyze(model: torch.nn.Module, mixtures: list, float_model: torch.nn.Module | None = None,
             bits: tuple[int, ...] = BITS, sensitivity: bool = True) -> dict:
     """The figures of the module docstring, as a JSON-ready dict."""
+    from .loss import pit_sisdr_db as si_sdr_db
     from .quant.sensitivity import bypassed, modules_named, quantizer_groups
 
     model.eval()
     reference_model = (float_model or model).eval()
-    inputs = [signal_bound_db(m.numpy(), 8) for _, m, _ in mixtures]
     result = {
         "mixtures": len(mixtures),
         "crest_factor_db": {"input_median": float(np.median([crest_factor_db(m.numpy()) for _, m, _ in mixtures])),
@@ -101,7 +95,7 @@ def analyze(model: torch.nn.Module, mixtures: list, float_model: torch.nn.Module
                                for b in bits},
                      "output": {b: float(np.median([signal_bound_db(s.numpy(), b) for _, _, ss in mixtures
                                                     for s in ss])) for b in bits}},
-        "input_snr_8bit_db": float(np.median(inputs)),
+        "input_snr_8bit_db": float(np.median([signal_bound_db(m.numpy(), 8) for _, m, _ in mixtures])),
     }
     measured = {}
     for b in bits:
@@ -192,7 +186,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .export.registry import package_loader_for
+    from .export.registry import load_quantized_package, package_loader_for
 
     def fail(message: str) -> int:
         print(f"fqss analyze: error: {message}", file=sys.stderr)
@@ -201,11 +195,7 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"--out {args.out} is a file")
     try:
         mixtures = read_mixtures(args.mixtures, args.limit)
-        loader = package_loader_for(args.checkpoint)
-        if loader.executes_code and not args.trust_package:
-            return fail(f"{args.checkpoint}: loading a {loader.toolkit} package executes code from it; pass "
-                        "--trust-package if you trust it")
-        model = loader.load(args.checkpoint)
+        model = load_quantized_package(args.checkpoint, args.trust_package)
         float_model = None
         if args.float_model:
             float_loader = package_loader_for(args.float_model)

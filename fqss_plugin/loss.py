@@ -36,7 +36,8 @@ EPS = 1e-8
 
 
 def sisdr_db(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """SI-SDR in dB over the last axis (zero-mean), torchmetrics' ``scale_invariant_signal_distortion_ratio``."""
+    """SI-SDR in dB over the last axis (zero-mean), ``[..., T] -> [...]``: torchmetrics'
+    ``scale_invariant_signal_distortion_ratio``."""
     from torchmetrics.functional.audio import scale_invariant_signal_distortion_ratio
     return scale_invariant_signal_distortion_ratio(estimate, reference, zero_mean=True)
 
@@ -64,11 +65,6 @@ def pit_aligned(estimate: torch.Tensor, reference: torch.Tensor) -> tuple[torch.
     from torchmetrics.functional.audio import pit_permutate
     best, perm = _pit(estimate, reference, sisdr_db)
     return pit_permutate(estimate, perm), best
-
-
-def sisdr_per_source_db(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """SI-SDR in dB of each aligned source pair, ``[B, n_src, T] -> [B, n_src]``."""
-    return sisdr_db(estimate, reference)
 
 
 def nsdr_db(estimate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -191,14 +187,14 @@ class FQSSLoss(nn.Module):
         loss). The PIT alignments also give the dB gaps of the sample weights (no third pairwise matrix)."""
         aligned, student_db = pit_aligned(estimate, target)
         self.student_db = student_db.detach()
-        task_db = sisdr_per_source_db(aligned, target)
+        task_db = sisdr_db(aligned, target)
         if teacher_estimate is None:
             self.distillation_share = 0.0
             return -task_db
         lam = self.lambda_kd
         teacher_aligned, teacher_db = pit_aligned(teacher_estimate, target)
         weights = self.weights_from_gap(teacher_db - student_db)[:, None]
-        kd_db = sisdr_per_source_db(aligned, teacher_aligned)
+        kd_db = sisdr_db(aligned, teacher_aligned)
         task = (1 - lam) * torch.pow(10.0, task_db / 10)
         distill = lam * weights * torch.pow(10.0, kd_db / 10)
         self.distillation_share = float((distill / (task + distill)).detach().mean())

@@ -12,6 +12,7 @@ from asteroid.models import ConvTasNet
 import fqss_plugin as fq
 from fqss_plugin.analysis import crest_factor_db, quantize_signal, signal_bound_db
 from fqss_plugin.asteroid import prepare_model, save_quantized_model
+from fqss_plugin.asteroid.package import with_plain_versions
 from fqss_plugin.cli import main as cli_main
 from fqss_plugin.data.speech import SpeechConfig, generate_speech
 
@@ -36,9 +37,7 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     float_model = ConvTasNet(n_src=2, n_filters=16, kernel_size=16, stride=8, n_blocks=2, n_repeats=1, bn_chan=16,
                              hid_chan=16, skip_chan=16, sample_rate=8000).eval()
-    package = float_model.serialize()
-    package["infos"]["software_versions"] = {k: str(v) for k, v in package["infos"]["software_versions"].items()}
-    torch.save(package, root / "float.pth")
+    torch.save(with_plain_versions(float_model.serialize()), root / "float.pth")
     model = prepare_model(copy.deepcopy(float_model), fq.QuantConfig.fqss(calib_steps=1))
     with torch.no_grad():
         model.train()(torch.randn(2, 8000) * 0.1)

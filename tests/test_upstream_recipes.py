@@ -138,6 +138,8 @@ AST_TINY = {"n_filters": 16, "kernel_size": 16, "stride": 8, "n_blocks": 2, "n_r
 def test_asteroid_librimix_convtasnet_recipe_trains_fqss_and_evaluates_with_its_own_loader(libri2mix, tmp_path):
     from asteroid.models import ConvTasNet
 
+    from fqss_plugin.asteroid.package import with_plain_versions
+
     patch = PATCHES / "asteroid-librimix-convtasnet.patch"
     added = {name: 0 for name in ("train.py", "eval.py")}
     current = None
@@ -152,9 +154,7 @@ def test_asteroid_librimix_convtasnet_recipe_trains_fqss_and_evaluates_with_its_
     torch.manual_seed(0)      # the pretrained float model: the conf's architecture at the tiny sizes
     float_model = ConvTasNet(n_src=2, sample_rate=8000, mask_act="relu", **AST_TINY)
     pretrained = tmp_path / "float.pth"
-    package = float_model.serialize()
-    package["infos"]["software_versions"] = {k: str(v) for k, v in package["infos"]["software_versions"].items()}
-    torch.save(package, pretrained)
+    torch.save(with_plain_versions(float_model.serialize()), pretrained)
 
     local = libri2mix.parent / "data" / "wav8k" / "min"
     exp = tmp_path / "exp"

@@ -40,12 +40,15 @@ class QuantizedAsteroidModel:
         return {**super().get_model_args(), "fqss_config": self.fqss_config.to_dict()}
 
     def serialize(self) -> dict:
-        """Asteroid's package, with the software versions as plain strings (``torch.load``'s weights-only
-        unpickler refuses the ``TorchVersion`` that Asteroid stores)."""
-        package = super().serialize()
-        infos = package.get("infos", {})
-        infos["software_versions"] = {k: str(v) for k, v in infos.get("software_versions", {}).items()}
-        return package
+        return with_plain_versions(super().serialize())
+
+
+def with_plain_versions(package: dict) -> dict:
+    """An Asteroid package (``model.serialize()``) with its software versions as plain strings, in place:
+    ``torch.load``'s weights-only unpickler refuses the ``TorchVersion`` that Asteroid stores."""
+    infos = package.setdefault("infos", {})
+    infos["software_versions"] = {k: str(v) for k, v in infos.get("software_versions", {}).items()}
+    return package
 
 
 def _as_config(config: dict | QuantConfig | None) -> QuantConfig:

@@ -39,7 +39,8 @@ from tqdm import tqdm
 from ..atomic import atomic_save
 from ..loss import FQSSLoss
 from ..quant import QuantConfig
-from .package import load_float_model, load_quantized_model, prepare_model, save_quantized_model
+from .package import (load_float_model, load_quantized_model, prepare_model, save_quantized_model,
+                      with_plain_versions)
 
 MODES = ("float", "vanilla", "fqss")
 METRICS = ["si_sdr", "sdr", "stoi"]
@@ -366,8 +367,8 @@ def write_best_model(conf: dict, model: nn.Module, checkpoint: str | Path) -> Pa
              "checkpoint": Path(checkpoint).name}
     path = Path(conf["main_args"]["exp_dir"]) / "best_model.pth"
     if mode == "float":
-        package = model.serialize()
-        package["infos"] = {**{k: str(v) for k, v in package["infos"].items()}, **infos}
+        package = with_plain_versions(model.serialize())
+        package["infos"].update(infos)
         return atomic_save(package, path)
     return save_quantized_model(model, path, quant_config(conf), infos)
 

@@ -45,14 +45,9 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"fqss export: error: --out {out} {problem}", file=sys.stderr)
         return 2
-    from .registry import package_loader_for
+    from .registry import load_quantized_package
     try:
-        loader = package_loader_for(args.checkpoint)
-        if loader.executes_code and not args.trust_package:
-            print(f"fqss export: error: {checkpoint}: loading a {loader.toolkit} package executes code from it "
-                  f"({loader.describe}); pass --trust-package if you trust it", file=sys.stderr)
-            return 2
-        model = loader.load(args.checkpoint)
+        model = load_quantized_package(args.checkpoint, args.trust_package)
         result = to_onnx(model, args.out, decoder=args.decoder, staged_norm_means=args.staged_norm_means,
                          integer_softmax=args.integer_softmax, target=args.target)
     except (ValueError, FileNotFoundError) as error:       # ExportError is a ValueError

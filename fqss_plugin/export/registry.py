@@ -99,6 +99,16 @@ def load_adapters() -> list[str]:
     return loaded
 
 
+def load_quantized_package(source: str | Path, trust_package: bool) -> nn.Module:
+    """The quantized model of ``source`` through its toolkit's loader; a package whose loading runs code from it
+    (:attr:`PackageLoader.executes_code`) only with ``trust_package`` (else ``ValueError`` naming the flag)."""
+    loader = package_loader_for(source)
+    if loader.executes_code and not trust_package:
+        raise ValueError(f"{source}: loading a {loader.toolkit} package executes code from it ({loader.describe}); "
+                         "pass --trust-package if you trust it")
+    return loader.load(str(source))
+
+
 def package_loader_for(source: str | Path) -> PackageLoader:
     """The loader of the first installed adapter whose ``matches`` accepts ``source``."""
     load_adapters()

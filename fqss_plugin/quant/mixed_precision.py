@@ -34,15 +34,15 @@ def weighted_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
 def weight_bits(layer: QuantizedLayer, bits: int) -> Iterator[None]:
     """Inside the block, ``layer``'s weights are quantized to ``bits`` (steps from the weights' abs-max)."""
     quantizer = layer.weight_quantizer
-    saved = (quantizer.bits, quantizer.q_min, quantizer.q_max, quantizer.log_scale.detach().clone())
+    saved_bits, saved_steps = quantizer.bits, quantizer.log_scale.detach().clone()
     try:
-        quantizer.bits, quantizer.q_min, quantizer.q_max = bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        quantizer.set_bits(bits)
         quantizer.init_from(layer.weight)
         yield
     finally:
-        quantizer.bits, quantizer.q_min, quantizer.q_max = saved[:3]
+        quantizer.set_bits(saved_bits)
         with torch.no_grad():
-            quantizer.log_scale.copy_(saved[3])
+            quantizer.log_scale.copy_(saved_steps)
 
 
 def allocate_weight_bits(model: nn.Module, score: Callable[[nn.Module], float], budget_bits: float,

@@ -223,13 +223,15 @@ class WeightQuantizer(nn.Module):
         super().__init__()
         if not 2 <= bits <= 16:
             raise ValueError(f"WeightQuantizer: bits must be in 2..16, got {bits}")
-        self.bits = bits
         self.axis = axis
-        self.q_min = -(2 ** (bits - 1))
-        self.q_max = 2 ** (bits - 1) - 1
+        self.set_bits(bits)
         self.learnable = learnable
         self.log_scale = nn.Parameter(torch.zeros(num_channels), requires_grad=learnable)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def set_bits(self, bits: int) -> None:
+        """The signed code range ``[-2^(b-1), 2^(b-1) - 1]`` of ``bits`` (the steps are not changed)."""
+        self.bits, self.q_min, self.q_max = bits, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
     def scale(self) -> torch.Tensor:
         return torch.exp(self.log_scale.clamp(LOG_MIN_SCALE, LOG_MAX_SCALE))

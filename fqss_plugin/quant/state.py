@@ -28,10 +28,6 @@ QUANTIZER_TYPES = LEARNED_QUANTIZERS + FROZEN_QUANTIZERS
 STATEFUL_TYPES = LEARNED_QUANTIZERS + (InputSplitter,)
 
 
-def is_quantizer(module: nn.Module) -> bool:
-    return isinstance(module, QUANTIZER_TYPES)
-
-
 def is_weight_quantizer(module: nn.Module) -> bool:
     return isinstance(module, (WeightQuantizer, FrozenWeightQuantizer))
 
