@@ -82,3 +82,15 @@ def load_script(path, name: str | None = None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def toy_musdb(tmp_path_factory):
+    """A toy MUSDB18-HQ (``fqss make-data music``): 3 train songs (1 named as a musdb validation track) and
+    1 test song of 4 s, shared by the music tests (read only)."""
+    from fqss_plugin.data.music import MusicConfig, generate_music
+
+    root = tmp_path_factory.mktemp("musdb")
+    generate_music(MusicConfig(out=root, train_tracks=3, test_tracks=1, valid_tracks=1, seconds=4.0, jobs=1,
+                               progress=False))
+    return root

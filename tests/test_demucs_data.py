@@ -6,18 +6,15 @@ from types import SimpleNamespace
 import soundfile as sf
 import torch
 
-from fqss_plugin.data.music import MusicConfig, generate_music
 from fqss_plugin.demucs.audio_io import load, use_soundfile_backend
 
 SOURCES = ["drums", "bass", "other", "vocals"]
 
 
-def test_demucs_wav_datasets_read_the_toy_musdb(tmp_path):
+def test_demucs_wav_datasets_read_the_toy_musdb(toy_musdb, tmp_path):
     from demucs.wav import get_musdb_wav_datasets
 
-    root = tmp_path / "musdb"
-    generate_music(MusicConfig(out=root, train_tracks=3, test_tracks=1, valid_tracks=1, seconds=4.0, jobs=1,
-                               progress=False))
+    root = toy_musdb
     use_soundfile_backend()
     args = SimpleNamespace(musdb=str(root), metadata=str(tmp_path / "metadata"), sources=SOURCES, segment=2,
                            shift=1, samplerate=44100, channels=2, normalize=True, train_valid=False, full_cv=True)

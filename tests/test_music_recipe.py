@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from fqss_plugin.data.music import MusicConfig, generate_music
 from tests.conftest import load_script
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "MUSDB18" / "HTDemucs"
@@ -19,12 +18,9 @@ def load_recipe():
     return load_script(RECIPE / "train.py", "htdemucs_recipe_train")
 
 
-@pytest.fixture(scope="module")
-def musdb_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("musdb")
-    generate_music(MusicConfig(out=root, train_tracks=3, test_tracks=1, valid_tracks=1, seconds=4.0, jobs=1,
-                               progress=False))
-    return root
+@pytest.fixture
+def musdb_root(toy_musdb):
+    return toy_musdb
 
 
 def run(recipe, conf: str, root: Path, exp: Path, *extra: str):

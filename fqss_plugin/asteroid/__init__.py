@@ -3,6 +3,8 @@
 One module per job, the same shape as every toolkit adapter:
 
 * :mod:`.wrappers` -- quantized wrappers of Asteroid's modules, registered with the core on import;
+* :mod:`.stereo` -- :class:`StereoConvTasNet`, the music ConvTasNet (multichannel, Demucs' tensor layout) from
+  Asteroid's parts;
 * :mod:`.system` -- :class:`FQSSSystem`, the Asteroid ``System`` of QAT with distillation;
 * :mod:`.package` -- :func:`prepare_model` and the quantized model classes registered with Asteroid
   (``FQSSConvTasNet``, ``FQSSDPTNet``: ``ConvTasNet.from_pretrained`` rebuilds a quantized package);
@@ -15,10 +17,11 @@ One module per job, the same shape as every toolkit adapter:
 from . import export  # noqa: F401  (registers the export rewrites and the package loader)
 from .package import (PACKAGE_FILES, load_float_model, load_quantized_model, prepare_model, prepare_qat,
                       quantized_class, resolve_package, save_quantized_model)
+from .stereo import StereoConvTasNet
 from .system import FQSSSystem
 from .wrappers import (QChanLN, QDPTransformer, QFilterbankDecoder, QFilterbankEncoder, QGlobLN,
                        QImprovedTransformedLayer, QTDConvNet)
 
 __all__ = ["FQSSSystem", "PACKAGE_FILES", "QChanLN", "QDPTransformer", "QFilterbankDecoder", "QFilterbankEncoder",
-           "QGlobLN", "QImprovedTransformedLayer", "QTDConvNet", "load_float_model", "load_quantized_model",
+           "QGlobLN", "QImprovedTransformedLayer", "QTDConvNet", "StereoConvTasNet", "load_float_model", "load_quantized_model",
            "prepare_model", "prepare_qat", "quantized_class", "resolve_package", "save_quantized_model"]

@@ -1,7 +1,7 @@
 """Asteroid model packages: load a float teacher or a quantized model, save a quantized one.
 
 A quantized Asteroid model is an instance of a quantized model class registered with Asteroid
-(``FQSSConvTasNet``, ``FQSSDPTNet``, ...: :func:`quantized_class`), a subclass of the float class whose
+(``FQSSConvTasNet``, ``FQSSDPTNet``, ``FQSSStereoConvTasNet``, ...: :func:`quantized_class`), a subclass of the float class whose
 constructor also takes ``fqss_config`` and quantizes itself. So its package is Asteroid's own
 (``model.serialize()``: ``model_name``, ``model_args`` with ``fqss_config``, ``state_dict`` with the
 quantizer state), and Asteroid's own loader, ``ConvTasNet.from_pretrained("best_model.pth")``, rebuilds
@@ -23,6 +23,7 @@ import copy
 from ..atomic import atomic_save
 from ..quant import QuantConfig, prepare
 from . import wrappers  # noqa: F401  (registers the wrappers that prepare uses)
+from .stereo import StereoConvTasNet
 
 
 class QuantizedAsteroidModel:
@@ -79,7 +80,7 @@ def quantized_class(float_class: type) -> type:
     return _QUANTIZED_CLASSES[float_class]
 
 
-for _float_class in (asteroid_models.ConvTasNet, asteroid_models.DPTNet):
+for _float_class in (asteroid_models.ConvTasNet, asteroid_models.DPTNet, StereoConvTasNet):
     quantized_class(_float_class)
 
 

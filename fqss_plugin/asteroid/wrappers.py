@@ -8,6 +8,9 @@ same parts):
   ``F.conv_transpose1d`` on the filterbank's parameter): quantized filters, input splitter on the
   encoder, output combiner on the decoder. The decoder also quantizes its *input*: that is the
   output of the model's mask multiplication (``est_masks * tf_rep``), which has no module;
+* the multichannel decoder of :class:`~fqss_plugin.asteroid.stereo.StereoConvTasNet` (a transposed conv over
+  every source's masked representation): quantized filters, output combiner, and the same quantized input
+  (the mask product); its encoder is a plain ``Conv1d``, quantized by the core;
 * ``GlobLN`` / ``ChanLN``: output quantized, statistics and affine in float like ``GroupNorm``;
 * ``TDConvNet``: the residual and skip-connection sums of its forward pass become ``QAdd``;
 * DPTNet's ``ImprovedTransformedLayer`` (its two residual sums) and ``DPTransformer`` (the
@@ -26,8 +29,9 @@ from asteroid_filterbanks.enc_dec import Decoder, Encoder, multishape_conv1d, mu
 from torch import nn
 
 from ..quant import QuantConfig, register
-from ..quant.layers import (NORM_INTERNALS, Add, Mul, OutputQuantized, QAdd, QMul, QuantizedLayer, QuantizedModule,
-                            activation_quantizer)
+from ..quant.layers import (NORM_INTERNALS, Add, Mul, OutputQuantized, QAdd, QConvTranspose1d, QMul, QuantizedLayer,
+                            QuantizedModule, activation_quantizer)
+from .stereo import MultichannelDecoder
 
 class QGlobLN(OutputQuantized, GlobLN):
     """Asteroid's global layer norm with a quantized output."""
@@ -81,6 +85,19 @@ class QFilterbankDecoder(QuantizedLayer, Decoder):
     def forward(self, spec: torch.Tensor, length: int | None = None) -> torch.Tensor:
         wav = QuantizedLayer.forward(self, spec)
         return wav if length is None else wav[..., :min(length, wav.shape[-1])]
+
+
+class QMultichannelDecoder(QConvTranspose1d, MultichannelDecoder):
+    """The multichannel decoder with quantized filters and a quantized input (the model's mask product)."""
+
+    def _init_quantization(self, config: QuantConfig) -> None:
+        super()._init_quantization(config)
+        self.input_quantizer = activation_quantizer(config)
+
+    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+        batch, n_src = spec.shape[:2]
+        wav = QuantizedLayer.forward(self, spec.reshape(batch * n_src, *spec.shape[2:]))
+        return wav.reshape(batch, n_src, *wav.shape[1:])
 
 
 class QTDConvNet(QuantizedModule, TDConvNet):
@@ -152,7 +169,7 @@ class QDPTransformer(QuantizedModule, DPTransformer):
 
 
 for _float_type, _wrapper in [(GlobLN, QGlobLN), (ChanLN, QChanLN), (Encoder, QFilterbankEncoder),
-                              (Decoder, QFilterbankDecoder), (TDConvNet, QTDConvNet),
+                              (Decoder, QFilterbankDecoder), (MultichannelDecoder, QMultichannelDecoder), (TDConvNet, QTDConvNet),
                               (ImprovedTransformedLayer, QImprovedTransformedLayer), (DPTransformer, QDPTransformer)]:
     register(_float_type, _wrapper)
 
