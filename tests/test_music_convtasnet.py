@@ -47,7 +47,9 @@ def test_quantized_stereo_model_covers_every_op_and_reloads(tmp_path):
     mix = torch.randn(2, 2, 8000)
     report = coverage_report(model, mix)
     assert report.fully_quantized, report
-    assert model.encoder.input_splitter is not None and model.encoder.input_splitter.signal_scale is None
+    from fqss_plugin.quant import SplitActivationQuantizer
+    assert model.encoder.input_splitter is None                      # music is not bounded by 1: a learned range
+    assert isinstance(model.encoder.input_quantizer, SplitActivationQuantizer)
     assert model.decoder.input_quantizer is not None and model.decoder.output_combiner is not None
     model(mix)
     save_quantized_model(model, tmp_path / "q.pth")
@@ -82,3 +84,59 @@ def test_recipe_float_then_vanilla_and_fqss(toy_musdb, tmp_path, one_thread):
         assert "sdr_median" in json.loads((exp / "test_results.json").read_text())
     with pytest.raises(recipe.RecipeError, match="StereoConvTasNet|quantized"):
         run("fqss.yaml", tmp_path / "again", f"pretrained={tmp_path / 'fqss' / 'best_model.pth'}")
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """A tiny quantized StereoConvTasNet whose quantizers have calibrated on a few batches (no training)."""
+    import fqss_plugin as fq
+    from fqss_plugin.asteroid import StereoConvTasNet, prepare_model
+
+    torch.manual_seed(0)
+    model = prepare_model(StereoConvTasNet(**{**TINY, "n_filters": 32, "bn_chan": 16, "hid_chan": 32}),
+                          fq.QuantConfig.fqss(normalize_input=False, calib_steps=3))
+    model.train()
+    for _ in range(4):
+        model(torch.randn(2, 2, 8000))
+        fq.calibration_step(model)
+    return model.eval()
+
+
+def test_int8_export_of_the_stereo_model(calibrated, tmp_path):
+    from fqss_plugin.export import ort_op_report, parity_report, to_onnx
+
+    result = to_onnx(calibrated, tmp_path / "music.onnx")
+    assert result.n_src == 4 and result.sample_rate == 44100
+    mix = 0.5 * torch.randn(1, 2, 22050, generator=torch.Generator().manual_seed(1))
+    parity = parity_report(calibrated, result.path, mix)
+    assert parity.worst_local_beyond_1lsb == 0, str(parity)     # every quantizer within 1 LSB on the same inputs
+    assert parity.snr_db >= 30, str(parity)
+    report = ort_op_report(result.path)
+    assert report.integer["MatMulIntegerToFloat"] == 4           # the decoder: 2 channels x 2 parts of its input
+    assert "ConvTranspose" not in report.float_compute
+
+
+def test_cli_separates_a_stereo_song_into_named_stems(calibrated, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from fqss_plugin.asteroid import save_quantized_model
+    from fqss_plugin.cli import main as cli_main
+    from fqss_plugin.demucs.recipe import separator
+
+    package = save_quantized_model(calibrated, tmp_path / "exp" / "best_model.pth")
+    model = tmp_path / "music.onnx"
+    assert cli_main(["export", "--checkpoint", str(package), "--out", str(model)]) == 0
+    song = (0.3 * np.random.default_rng(0).standard_normal((30000, 2)) + 0.05).astype(np.float32)
+    sf.write(tmp_path / "song.wav", song, 44100, subtype="FLOAT")
+    assert cli_main(["separate", "--model", str(model), str(tmp_path / "song.wav"), "--out-dir",
+                     str(tmp_path / "stems")]) == 0
+    reference = separator(calibrated, shifts=0)(song, 44100)       # the recipes' normalisation and chunking
+    for source in ("drums", "bass", "other", "vocals"):
+        stem, rate = sf.read(tmp_path / "stems" / f"song_{source}.wav", dtype="float32")
+        assert rate == 44100 and stem.shape == (30000, 2)
+        ref = reference[source]
+        assert 10 * np.log10((ref ** 2).sum() / ((ref - stem) ** 2).sum()) > 25
+    sf.write(tmp_path / "mono.wav", song[:, 0], 44100)
+    assert cli_main(["separate", "--model", str(model), str(tmp_path / "mono.wav"), "--out-dir",
+                     str(tmp_path / "x")]) == 2

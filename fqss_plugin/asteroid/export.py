@@ -4,6 +4,8 @@ On the frozen export copy (:func:`fqss_plugin.export.export_view`), :func:`rewri
 classes of Asteroid's modules for variants that compute the same values with ops the ONNX exporter
 writes plainly:
 
+* the multichannel decoder of ``StereoConvTasNet`` becomes, with ``decoder="matmul"``, one integer MatMul
+  per output channel plus an overlap-add;
 * the filterbank encoder/decoder call ``F.conv1d`` / ``F.conv_transpose1d`` directly instead of
   Asteroid's shape-dispatching ``multishape_*`` helpers; the decoder can also be written as an
   integer MatMul plus overlap-add (``decoder="matmul"``), for which onnxruntime has an int8 kernel,
@@ -27,7 +29,8 @@ from torch import nn
 from ..export.registry import ExportOptions, PackageLoader, register_package_loader, register_rewrite
 from ..export.view import ExportError, swap_class
 from .package import PACKAGE_FILES, load_float_model, load_quantized_model
-from .wrappers import QChanLN, QFilterbankDecoder, QFilterbankEncoder, QGlobLN
+from ..quant.quantizers import FrozenWeightQuantizer
+from .wrappers import QChanLN, QFilterbankDecoder, QFilterbankEncoder, QGlobLN, QMultichannelDecoder
 
 
 class _LayerNormFunction(torch.autograd.Function):
@@ -102,14 +105,41 @@ def _matmul_decoder_op(self, x, weight, bias):
     stride = self.stride
     lead = x.shape[:-2]
     spec = self.filterbank.pre_synthesis(x).reshape(-1, n_filters, x.shape[-1]).transpose(1, 2)   # [B', F, N]
-    frames = torch.matmul(spec, weight.reshape(n_filters, kernel))                                # [B', F, K]
-    parts = kernel // stride
-    frames = frames.reshape(frames.shape[0], frames.shape[1], parts, stride)
-    wav = sum(F.pad(frames[:, :, j], (0, 0, j, parts - 1 - j)) for j in range(parts))           # [B', F+parts-1, S]
-    wav = wav.reshape(wav.shape[0], 1, -1)
+    wav = _overlap_add(torch.matmul(spec, weight.reshape(n_filters, kernel)), stride)            # [B', 1, T]
     if self.padding:
         wav = wav[..., self.padding:wav.shape[-1] - self.padding]
     return self.filterbank.post_synthesis(wav.reshape(lead + (-1,)) if len(lead) > 1 else wav)
+
+
+def _overlap_add(frames: torch.Tensor, stride: int) -> torch.Tensor:
+    """``[B', F, K]`` frames -> ``[B', 1, (F - 1) * stride + K]``: the ``K / stride`` parts of every frame added at
+    their offsets (the summation of a transposed conv whose kernel is a multiple of its stride)."""
+    parts = frames.shape[-1] // stride
+    frames = frames.reshape(frames.shape[0], frames.shape[1], parts, stride)
+    wav = sum(F.pad(frames[:, :, j], (0, 0, j, parts - 1 - j)) for j in range(parts))           # [B', F+parts-1, S]
+    return wav.reshape(wav.shape[0], 1, -1)
+
+
+def _matmul_multichannel_op(self, x, weight, bias):
+    """The multichannel decoder as one integer MatMul per output channel plus an overlap-add; each channel's
+    filters are their own constant with their own (per-channel) step, so the int8 codes feed the MatMul
+    directly. ``weight`` (the whole quantized filter bank) is not used: the same codes come from the
+    per-channel copies made by :func:`rewrite_asteroid`."""
+    spec = x.transpose(1, 2)                                                                      # [B', F, N]
+    n_filters, kernel = self.channel_weights[0].shape[0], self.channel_weights[0].shape[-1]
+    wav = torch.cat([_overlap_add(torch.matmul(spec, quantizer(w).reshape(n_filters, kernel)), self.stride[0])
+                     for w, quantizer in zip(self.channel_weights, self.channel_quantizers)], dim=1)
+    return wav if bias is None else wav + bias.reshape(1, -1, 1)
+
+
+def _split_channels(module: QMultichannelDecoder) -> None:
+    """Per-output-channel copies of a frozen multichannel decoder's filters and weight quantizer."""
+    frozen = module.weight_quantizer
+    module.channel_weights = nn.ParameterList(
+        nn.Parameter(module.weight[:, c:c + 1].detach().clone(), requires_grad=False)
+        for c in range(module.weight.shape[1]))
+    module.channel_quantizers = nn.ModuleList(FrozenWeightQuantizer(frozen.scale[c:c + 1], 1, frozen.bits)
+                                              for c in range(module.weight.shape[1]))
 
 
 def _overlap_add_fold(self, x: torch.Tensor, output_size: int | None = None) -> torch.Tensor:
@@ -155,6 +185,13 @@ def rewrite_asteroid(model: nn.Module, options: ExportOptions) -> None:
                                       f"no output padding (kernel {kernel}, stride {module.stride})")
                 op = _matmul_decoder_op
             swap_class(module, {"linear_op": op})
+        elif isinstance(module, QMultichannelDecoder) and decoder == "matmul":
+            kernel, stride = module.kernel_size[0], module.stride[0]
+            if kernel % stride or module.padding[0] or module.output_padding[0] or module.groups != 1:
+                raise ExportError(f"decoder='matmul' needs a kernel size that is a multiple of the stride, no padding "
+                                  f"and one group (kernel {kernel}, stride {stride}); export with decoder='conv'")
+            _split_channels(module)
+            swap_class(module, {"linear_op": _matmul_multichannel_op})
 
 
 def _is_package(source: str) -> bool:

@@ -19,9 +19,11 @@ from torch import nn
 from torch.torch_version import TorchVersion
 
 import copy
+import dataclasses
 
 from ..atomic import atomic_save
 from ..quant import QuantConfig, prepare
+from ..quant.signal_io import SplitActivationQuantizer
 from . import wrappers  # noqa: F401  (registers the wrappers that prepare uses)
 from .stereo import StereoConvTasNet
 
@@ -87,9 +89,22 @@ for _float_class in (asteroid_models.ConvTasNet, asteroid_models.DPTNet, StereoC
 def prepare_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Module:
     """:func:`fqss_plugin.prepare` for an Asteroid ``BaseEncoderMaskerDecoder`` (``encoder``/``decoder``), in
     place; an Asteroid model also becomes an instance of its registered quantized class
-    (:func:`quantized_class`), which serializes with its config. Returns ``model``."""
+    (:func:`quantized_class`), which serializes with its config. Returns ``model``.
+
+    A model whose input is not a waveform in [-1, 1] (it has an ``input_normalization``: music normalised by
+    its mean and std) gets, with ``in_splits > 1``, its input on ``in_splits`` 8-bit tensors of a learned range
+    (:class:`~fqss_plugin.quant.signal_io.SplitActivationQuantizer`, the method's splitter without
+    normalisation, as the Demucs adapter's branch inputs) instead of the peak-normalised
+    :class:`~fqss_plugin.quant.signal_io.InputSplitter`, whose grid ends at 1.
+    """
     config = config or QuantConfig.fqss()
-    prepare(model, config, encoder="encoder", decoder="decoder")
+    if getattr(model, "input_normalization", None) is not None and config.in_splits > 1:
+        prepare(model, dataclasses.replace(config, in_splits=1, normalize_input=False), encoder="encoder",
+                decoder="decoder")
+        model.encoder.input_quantizer = SplitActivationQuantizer(model.encoder.input_quantizer, config.act_bits,
+                                                                 config.in_splits)
+    else:
+        prepare(model, config, encoder="encoder", decoder="decoder")
     if isinstance(model, BaseModel):
         model.__class__ = quantized_class(type(model))
         model.fqss_config = config

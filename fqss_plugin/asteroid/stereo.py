@@ -49,7 +49,13 @@ class StereoConvTasNet(BaseEncoderMaskerDecoder):
             arguments (no skip connections, as in Demucs v2).
         sample_rate: Hz.
         segment: seconds per chunk of ``demucs.apply.apply_model(split=True)``.
+
+    The MUSDB18 recipes feed it mixtures normalised by the mean and standard deviation of their mono downmix
+    (Demucs' convention) and undo it on the estimates: :attr:`input_normalization`, which the int8 export
+    records so that ``fqss separate`` does the same.
     """
+
+    input_normalization = "mono_mean_std"
 
     def __init__(self, sources=MUSDB_SOURCES, audio_channels: int = 2, n_filters: int = 256, kernel_size: int = 20,
                  stride: int = 10, bn_chan: int = 256, hid_chan: int = 512, n_blocks: int = 10, n_repeats: int = 4,

@@ -3,7 +3,8 @@
 ``fqss export --checkpoint exp/fqss/best_model.pth --out model.onnx`` takes a trained model package of
 any installed toolkit adapter (:func:`fqss_plugin.export.registry.package_loader_for`: an Asteroid
 recipe's ``best_model.pth`` or its directory, a SpeechBrain SepFormer package directory);
-``fqss separate --model model.onnx mix.wav [more.wav] --out-dir DIR`` writes ``DIR/<name>_s1.wav ... _s<n>.wav``.
+``fqss separate --model model.onnx mix.wav [more.wav] --out-dir DIR`` writes ``DIR/<name>_s1.wav ... _s<n>.wav``,
+or, for a model with named sources (a music model), ``DIR/<name>_drums.wav ...`` with the model's channels.
 """
 from __future__ import annotations
 
@@ -65,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
 def add_separate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="the .onnx file written by `fqss export`")
-    parser.add_argument("mixtures", nargs="+", help="mono wav files")
-    parser.add_argument("--out-dir", required=True, help="directory for <name>_s<k>.wav")
+    parser.add_argument("mixtures", nargs="+", help="wav files with the model's channels (speech models: mono)")
+    parser.add_argument("--out-dir", required=True, help="directory for <name>_s<k>.wav (or <name>_<source>.wav)")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace output files that exist")
     parser.add_argument("--chunk-seconds", type=float, default=30.0,
@@ -76,14 +77,15 @@ def add_separate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the model's sample rate, for an ONNX file without fqss metadata")
 
 
-def _output_plan(mixtures: list[str], out_dir: Path, n_src: int, overwrite: bool) -> list[list[Path]] | str:
-    """The output paths of each mixture, or why they cannot be written (checked before any work)."""
+def _output_plan(mixtures: list[str], out_dir: Path, suffixes: list[str], overwrite: bool) -> list[list[Path]] | str:
+    """The output paths of each mixture (``<stem>_<suffix>.wav``), or why they cannot be written (checked before
+    any work)."""
     if out_dir.exists() and not out_dir.is_dir():
         return f"--out-dir {out_dir} is a file"
     inputs = {Path(m).resolve(): m for m in mixtures}
     plan, owner = [], {}
     for name in mixtures:
-        paths = [out_dir / f"{Path(name).stem}_s{k}.wav" for k in range(1, n_src + 1)]
+        paths = [out_dir / f"{Path(name).stem}_{suffix}.wav" for suffix in suffixes]
         for path in paths:
             key = path.resolve()
             if key in inputs:
@@ -117,7 +119,8 @@ def run_separate(args: argparse.Namespace) -> int:
                     "pass --sample-rate")
     separator.sample_rate = rate_expected
     out_dir = Path(args.out_dir)
-    plan = _output_plan(args.mixtures, out_dir, separator.n_src or 2, args.overwrite)
+    suffixes = separator.sources or [f"s{k}" for k in range(1, (separator.n_src or 2) + 1)]
+    plan = _output_plan(args.mixtures, out_dir, suffixes, args.overwrite)
     if isinstance(plan, str):
         return fail(plan)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -126,20 +129,22 @@ def run_separate(args: argparse.Namespace) -> int:
             wav, rate = sf.read(name, dtype="float32", always_2d=True)
         except (RuntimeError, sf.LibsndfileError) as error:
             return fail(f"{name}: unreadable audio ({error})")
-        if wav.shape[1] != 1:
-            return fail(f"{name}: {wav.shape[1]} channels, the model separates mono mixtures")
+        channels = separator.audio_channels
+        if wav.shape[1] != channels:
+            return fail(f"{name}: {wav.shape[1]} channels, the model separates "
+                        + ("mono mixtures" if channels == 1 else f"{channels}-channel mixtures"))
         if rate != rate_expected:
             return fail(f"{name}: sample rate {rate} Hz, the model expects {rate_expected} Hz")
         bad = int(np.size(wav) - np.isfinite(wav).sum())
         if bad:
-            return fail(f"{name}: {bad} NaN/Inf samples; the peak normalisation would spread them over the output")
+            return fail(f"{name}: {bad} NaN/Inf samples; the input normalisation would spread them over the output")
         try:
-            estimates = separator.separate(wav[:, 0])
+            estimates = separator.separate(wav[:, 0] if channels == 1 else wav.T)
         except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types (e.g. input shorter than a kernel)
             return fail(f"{name}: the model cannot run on these {len(wav)} samples ({type(error).__name__}: "
                         f"{str(error).splitlines()[0][:200] if str(error) else ''})")
         for path, source in zip(paths, estimates):
             with atomic_path(path) as tmp:
-                sf.write(tmp, np.asarray(source, np.float32), rate, subtype="FLOAT", format="WAV")
+                sf.write(tmp, np.asarray(source, np.float32).T, rate, subtype="FLOAT", format="WAV")
             print(path)
     return 0

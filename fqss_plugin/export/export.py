@@ -51,13 +51,16 @@ def to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | No
 
     The graph takes the raw waveform ``mixture: float32 [batch, time]`` (any length) and returns
     ``sources: float32 [batch, n_src, time]``; the FQSS input split (peak normalisation, floor-based
-    8-bit split) and the output recombination run inside the graph.
+    8-bit split) and the output recombination run inside the graph. A multichannel model (``audio_channels``
+    > 1, e.g. ``StereoConvTasNet``) takes ``[batch, channels, time]`` and returns ``[batch, n_src, channels,
+    time]``; its source names (``model.sources``) and the normalisation its input expects
+    (``model.input_normalization``) go into the metadata, where :class:`~fqss_plugin.export.OrtSeparator` reads them.
 
     Args:
         model: a model prepared with :func:`fqss_plugin.prepare` whose quantizers have seen data.
         path: where to write the ``.onnx`` file.
-        example_input: a ``[batch, time]`` (or ``[time]``) mixture used for tracing; by default one
-            second of noise at the model's sample rate.
+        example_input: a ``[batch, time]`` (or ``[time]``; multichannel: ``[batch, channels, time]``) mixture
+            used for tracing; by default one second of noise at the model's sample rate.
         decoder: ``"matmul"`` (the filterbank decoder as an integer MatMul plus overlap-add) or
             ``"conv"`` (ConvTranspose, which onnxruntime runs in float).
         staged_norm_means: take each gLN mean one axis at a time (accurate on long inputs, slower in
@@ -82,25 +85,31 @@ def to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | No
                 raise ExportError(f"{name} holds NaN/Inf values (a diverged training?); an int8 file would hide them "
                                   "as integers")
     sample_rate = sample_rate or _sample_rate(model)
+    channels = int(getattr(model, "audio_channels", 1) or 1)
     view = export_view(model, decoder=decoder, staged_norm_means=staged_norm_means)
     if example_input is None:
-        example_input = 0.1 * torch.randn(1, int(sample_rate or 8000), generator=torch.Generator().manual_seed(0))
+        shape = (1, int(sample_rate or 8000)) if channels == 1 else (1, channels, int(sample_rate or 8000))
+        example_input = 0.1 * torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     example_input = example_input.detach().float().cpu()
-    example_input = example_input[None] if example_input.dim() == 1 else example_input
-    if example_input.dim() != 2:
-        raise ExportError(f"example_input must be [batch, time] or [time], got shape {tuple(example_input.shape)}")
+    rank = 2 if channels == 1 else 3                        # batched
+    example_input = example_input[None] if example_input.dim() == rank - 1 else example_input
+    expected = "[batch, time] or [time]" if channels == 1 else f"[batch, {channels}, time] or [{channels}, time]"
+    if example_input.dim() != rank or (channels > 1 and example_input.shape[1] != channels):
+        raise ExportError(f"example_input must be {expected}, got shape {tuple(example_input.shape)}")
     calls, out = quantizer_calls(view, example_input)
     if not torch.isfinite(out).all():
         raise ExportError(f"{type(model).__name__} returns NaN/Inf on the example input: its weights or quantizer "
                           "steps hold non-finite values (a diverged training?); an int8 file would hide them")
     n_src = out.shape[1]
+    time_axis = example_input.dim() - 1
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(view, (example_input,), buffer, dynamo=False, opset_version=opset,
                               input_names=["mixture"], output_names=["sources"],
-                              dynamic_axes={"mixture": {0: "batch", 1: "time"}, "sources": {0: "batch", 2: "time"}})
+                              dynamic_axes={"mixture": {0: "batch", time_axis: "time"},
+                                            "sources": {0: "batch", time_axis + 1: "time"}})
         except Exception as error:  # noqa: BLE001 - the exporter raises many types; say which part failed
             raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else ''}") from error
@@ -116,11 +125,18 @@ def to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | No
     int8_target, changes["uint8_weights"] = _portability(onnx_model, target, notes)
     settings = {"decoder": decoder, "staged_norm_means": staged_norm_means}
     info = {"fqss_export": json.dumps(settings), "n_src": str(n_src), "producer": "fqss_plugin.export",
-            "input": "mixture float32 [batch, time], raw waveform (any length)",
-            "output": "sources float32 [batch, n_src, time]", "integer_softmax": str(integer_softmax),
+            "input": "mixture float32 [batch, time], raw waveform (any length)" if channels == 1 else
+                     f"mixture float32 [batch, {channels}, time] (any length)",
+            "output": "sources float32 [batch, n_src, time]" if channels == 1 else
+                      f"sources float32 [batch, n_src, {channels}, time]",
+            "audio_channels": str(channels), "integer_softmax": str(integer_softmax),
             saturation.METADATA_KEY: int8_target, **{k: str(v) for k, v in (metadata or {}).items()}}
     if sample_rate:
         info["sample_rate"] = str(int(sample_rate))
+    if getattr(model, "sources", None):                    # named sources (music stems) keep their order
+        info["sources"] = ",".join(model.sources)
+    if getattr(model, "input_normalization", None):
+        info["input_normalization"] = model.input_normalization
     onnx.helper.set_model_props(onnx_model, info)
     onnx_model.producer_name = "fqss"
     onnx.checker.check_model(onnx_model, full_check=True)

@@ -98,6 +98,11 @@ class OrtSeparator:
         _refuse_if_it_would_saturate(self.path, self.metadata)
         self.sample_rate = int(meta["sample_rate"]) if meta.get("sample_rate") else None
         self.n_src = int(meta["n_src"]) if meta.get("n_src") else None
+        self.audio_channels = int(meta.get("audio_channels", 1))
+        self.sources = meta["sources"].split(",") if meta.get("sources") else None
+        self.input_normalization = meta.get("input_normalization")
+        if self.input_normalization not in (None, "mono_mean_std"):
+            raise ValueError(f"{path}: unknown input_normalization {self.input_normalization!r} in its metadata")
         self.input_name = self.session.get_inputs()[0].name
         self.chunk_seconds, self.overlap_seconds = chunk_seconds, overlap_seconds
 
@@ -106,21 +111,39 @@ class OrtSeparator:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(mixture, dtype=np.float32)})[0]
 
     def separate(self, mixture):
+        """Mono models: ``[time]`` or ``[batch, time]`` (or ``[batch, 1, time]``) -> ``[(batch,) n_src, time]``.
+        Multichannel models: ``[channels, time]`` or ``[batch, channels, time]`` -> ``[(batch,) n_src, channels,
+        time]``, normalised first as the metadata says (``mono_mean_std``: by the mean and standard deviation of
+        the whole recording's mono downmix, as ``demucs.separate`` does) and de-normalised after."""
         is_torch = isinstance(mixture, torch.Tensor)
         wav = mixture.detach().cpu().numpy() if is_torch else np.asarray(mixture)
-        if wav.ndim == 3:
-            if wav.shape[1] != 1:
-                raise ValueError(f"OrtSeparator: expected a mono [batch, 1, time] mixture, got shape {wav.shape}")
-            wav = wav[:, 0]
-        if wav.ndim not in (1, 2):
-            raise ValueError(f"OrtSeparator: expected [time], [batch, time] or [batch, 1, time], got shape {wav.shape}")
-        batch = wav[None] if wav.ndim == 1 else wav
+        if self.audio_channels == 1:
+            if wav.ndim == 3:
+                if wav.shape[1] != 1:
+                    raise ValueError(f"OrtSeparator: expected a mono [batch, 1, time] mixture, got shape {wav.shape}")
+                wav = wav[:, 0]
+            if wav.ndim not in (1, 2):
+                raise ValueError(f"OrtSeparator: expected [time], [batch, time] or [batch, 1, time], got shape {wav.shape}")
+            unbatched = wav.ndim == 1
+        else:
+            if wav.ndim not in (2, 3) or wav.shape[-2] != self.audio_channels:
+                raise ValueError(f"OrtSeparator: expected [{self.audio_channels}, time] or [batch, "
+                                 f"{self.audio_channels}, time], got shape {wav.shape}")
+            unbatched = wav.ndim == 2
+        batch = (wav[None] if unbatched else wav).astype(np.float32)
+        mean = std = None
+        if self.input_normalization == "mono_mean_std":
+            mono = batch.mean(axis=-2, keepdims=True)                       # [batch, 1, time]
+            mean, std = mono.mean(axis=-1, keepdims=True), mono.std(axis=-1, keepdims=True) + 1e-8
+            batch = (batch - mean) / std
         if self.chunk_seconds and self.sample_rate:          # bounded memory on long recordings (:mod:`.chunks`)
             out = separate_in_chunks(self.forward, batch, round(self.chunk_seconds * self.sample_rate),
-                                     round(self.overlap_seconds * self.sample_rate))
+                                     round(self.overlap_seconds * self.sample_rate), align=self.sources is None)
         else:
             out = self.forward(batch)
-        out = out[0] if wav.ndim == 1 else out
+        if mean is not None:
+            out = out * std[:, None] + mean[:, None]
+        out = out[0] if unbatched else out
         return torch.from_numpy(out).to(mixture.device) if is_torch else out
 
     __call__ = separate
