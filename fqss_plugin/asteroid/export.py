@@ -195,9 +195,10 @@ def rewrite_asteroid(model: nn.Module, options: ExportOptions) -> None:
 
 
 def _is_package(source: str) -> bool:
-    """A package file, a directory holding one, or anything that is not a local path (a hub id)."""
+    """A package file (not Demucs' ``.th``), a directory holding one, or anything that is not a local path (a hub
+    id)."""
     path = Path(source)
-    return path.is_file() or (path.is_dir() and any((path / name).is_file() for name in PACKAGE_FILES)) \
+    return (path.is_file() and path.suffix != ".th") or (path.is_dir() and any((path / name).is_file() for name in PACKAGE_FILES)) \
         or not path.exists()
 
 

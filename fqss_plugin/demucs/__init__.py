@@ -8,14 +8,18 @@ The same shape as every toolkit adapter:
   :func:`save_quantized_model`: Demucs' own package format, which ``demucs.pretrained.get_model``
   reloads.
 
+* :mod:`.recipe` -- the training glue of the MUSDB18-HQ recipes: Demucs' datasets and augmentation, the L1
+  loss with the FQSS distillation, validation and the museval test, for any model in Demucs' layout;
+* :mod:`.export` -- the int8 ONNX export of a quantized HTDemucs (the network between STFT and iSTFT) and
+  :class:`OrtHTDemucs`, which runs the file under ``demucs.apply.apply_model``; both registered with
+  :mod:`fqss_plugin.export.registry` on import;
 * :mod:`.audio_io` -- a soundfile backend for Demucs' own MUSDB18-HQ dataset code (``demucs.wav``).
-
-To come in the same shape: the training glue (a Demucs solver step with the FQSS loss) and the export
-rewrites.
 """
+from . import export  # noqa: F401  (registers the exporter and the runtime of HTDemucs files)
+from .export import OrtHTDemucs, export_htdemucs
 from .package import FQSSHTDemucs, prepare_model, save_quantized_model
 from .wrappers import (QCrossTransformerEncoder, QCrossTransformerEncoderLayer, QDConv, QHDecLayer, QHEncLayer,
                        QHTDemucs, QLayerScale, QMyTransformerEncoderLayer)
 
-__all__ = ["FQSSHTDemucs", "QCrossTransformerEncoder", "QCrossTransformerEncoderLayer", "QDConv", "QHDecLayer", "QHEncLayer",
+__all__ = ["FQSSHTDemucs", "OrtHTDemucs", "export_htdemucs", "QCrossTransformerEncoder", "QCrossTransformerEncoderLayer", "QDConv", "QHDecLayer", "QHEncLayer",
            "QHTDemucs", "QLayerScale", "QMyTransformerEncoderLayer", "prepare_model", "save_quantized_model"]

@@ -243,6 +243,13 @@ class QHTDemucs(QuantizedModule, HTDemucs):
         self.freq_emb_add = _add(config)
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
+        mix, z, x, xt, stats, lengths = self.analyse(mix)
+        x, xt = self.network(x, xt)
+        return self.synthesise(z, x, xt, stats, lengths)
+
+    def analyse(self, mix: torch.Tensor):
+        """Float front end: pad to the training segment (eval), STFT, both branch inputs normalised by their
+        mean and std. Returns ``(mix, z, x, xt, (mean, std, meant, stdt), (out_length, length_pre_pad))``."""
         length, length_pre_pad = mix.shape[-1], None
         if self.use_train_segment:
             if self.training:
@@ -255,12 +262,16 @@ class QHTDemucs(QuantizedModule, HTDemucs):
         out_length = training_length if self.use_train_segment and not self.training else length
         z = self._spec(mix)
         x = self._magnitude(z).to(mix.device)
-        batch, _, freqs, frames = x.shape
         mean, std = x.mean(dim=(1, 2, 3), keepdim=True), x.std(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) / (1e-5 + std)
         meant, stdt = mix.mean(dim=(1, 2), keepdim=True), mix.std(dim=(1, 2), keepdim=True)
         xt = (mix - meant) / (1e-5 + stdt)
+        return mix, z, x, xt, (mean, std, meant, stdt), (out_length, length_pre_pad)
 
+    def network(self, x: torch.Tensor, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quantized network between the normalised branch inputs and the branch outputs (before
+        de-normalisation): encoders (the time branch injected where the strides meet), the cross-domain
+        transformer, decoders with skip sums. This is what the int8 export writes."""
         saved, saved_t, lengths, lengths_t = [], [], [], []
         for idx, encode in enumerate(self.encoder):
             lengths.append(x.shape[-1])
@@ -297,8 +308,12 @@ class QHTDemucs(QuantizedModule, HTDemucs):
                     xt, _ = tdec(pre[:, :, 0], None, lengths_t.pop(-1))
                 else:
                     xt, _ = tdec(xt, saved_t.pop(-1), lengths_t.pop(-1))
+        return x, xt
 
-        sources = len(self.sources)
+    def synthesise(self, z, x, xt, stats, lengths) -> torch.Tensor:
+        """Float back end: de-normalisation, the mask on the STFT, iSTFT, the sum of the two branches."""
+        (mean, std, meant, stdt), (out_length, length_pre_pad) = stats, lengths
+        batch, sources, (freqs, frames) = x.shape[0], len(self.sources), z.shape[-2:]
         x = x.view(batch, sources, -1, freqs, frames) * std[:, None] + mean[:, None]
         x = self._ispec(self._mask(z, x), out_length)
         xt = xt.view(batch, sources, -1, out_length) * stdt[:, None] + meant[:, None]

@@ -104,13 +104,13 @@ def run_separate(args: argparse.Namespace) -> int:
     import soundfile as sf
 
     from ..atomic import atomic_path
-    from .runtime import OrtSeparator
+    from .runtime import open_separator
 
     def fail(message: str) -> int:
         print(f"fqss separate: error: {message}", file=sys.stderr)
         return 2
     try:
-        separator = OrtSeparator(args.model, threads=args.threads, chunk_seconds=args.chunk_seconds or None)
+        separator = open_separator(args.model, threads=args.threads, chunk_seconds=args.chunk_seconds or None)
     except (ValueError, FileNotFoundError) as error:
         return fail(str(error))
     rate_expected = separator.sample_rate or args.sample_rate

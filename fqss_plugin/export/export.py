@@ -84,6 +84,10 @@ def to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | No
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise ExportError(f"{name} holds NaN/Inf values (a diverged training?); an int8 file would hide them "
                                   "as integers")
+    from .registry import exporter_for
+    exporter = exporter_for(model)
+    if exporter is not None:                                # a toolkit's own graph (e.g. HTDemucs without STFT)
+        return exporter(model, path, target=target, integer_softmax=integer_softmax, deploy=deploy, metadata=metadata)
     sample_rate = sample_rate or _sample_rate(model)
     channels = int(getattr(model, "audio_channels", 1) or 1)
     view = export_view(model, decoder=decoder, staged_norm_means=staged_norm_means)
@@ -121,8 +125,6 @@ def to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | No
     if tagged == 0:
         notes.append("activation QuantizeLinear nodes could not be matched to quantizer modules: "
                      "no per-quantizer parity report for this file")
-    changes = passes.deploy(onnx_model, integer_softmax=integer_softmax) if deploy else {}
-    int8_target, changes["uint8_weights"] = _portability(onnx_model, target, notes)
     settings = {"decoder": decoder, "staged_norm_means": staged_norm_means}
     info = {"fqss_export": json.dumps(settings), "n_src": str(n_src), "producer": "fqss_plugin.export",
             "input": "mixture float32 [batch, time], raw waveform (any length)" if channels == 1 else
@@ -130,21 +132,33 @@ def to_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor | No
             "output": "sources float32 [batch, n_src, time]" if channels == 1 else
                       f"sources float32 [batch, n_src, {channels}, time]",
             "audio_channels": str(channels), "integer_softmax": str(integer_softmax),
-            saturation.METADATA_KEY: int8_target, **{k: str(v) for k, v in (metadata or {}).items()}}
+            **{k: str(v) for k, v in (metadata or {}).items()}}
     if sample_rate:
         info["sample_rate"] = str(int(sample_rate))
     if getattr(model, "sources", None):                    # named sources (music stems) keep their order
         info["sources"] = ",".join(model.sources)
     if getattr(model, "input_normalization", None):
         info["input_normalization"] = model.input_normalization
-    onnx.helper.set_model_props(onnx_model, info)
-    onnx_model.producer_name = "fqss"
-    onnx.checker.check_model(onnx_model, full_check=True)
     path = Path(path)
-    with atomic_path(path) as tmp:              # a kill during the write leaves an earlier file whole
-        onnx.save(onnx_model, str(tmp))
+    changes = write_int8_model(onnx_model, path, info, notes, target=target, integer_softmax=integer_softmax,
+                               deploy=deploy)
     return ExportResult(path, path.stat().st_size, n_src, int(sample_rate) if sample_rate else None, changes,
                         passes.tensor_bytes(onnx_model), tagged, notes)
+
+
+def write_int8_model(onnx_model: onnx.ModelProto, path: Path, info: dict[str, str], notes: list[str], *,
+                     target: str = saturation.PORTABLE, integer_softmax: bool = False, deploy: bool = True) -> dict:
+    """The last steps of every int8 export: the deploy passes, the portability check (:func:`_portability`),
+    the metadata ``info`` (plus ``int8_target``), ``onnx.checker`` and an atomic write to ``path`` (a kill
+    during the write leaves an earlier file whole). Returns what the passes changed."""
+    changes = passes.deploy(onnx_model, integer_softmax=integer_softmax) if deploy else {}
+    int8_target, changes["uint8_weights"] = _portability(onnx_model, target, notes)
+    onnx.helper.set_model_props(onnx_model, {**info, saturation.METADATA_KEY: int8_target})
+    onnx_model.producer_name = "fqss"
+    onnx.checker.check_model(onnx_model, full_check=True)
+    with atomic_path(path) as tmp:
+        onnx.save(onnx_model, str(tmp))
+    return changes
 
 
 def _portability(model: onnx.ModelProto, target: str, notes: list[str]) -> tuple[str, int]:

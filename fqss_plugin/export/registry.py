@@ -67,6 +67,8 @@ class PackageLoader:
 
 _REWRITES: list[Rewrite] = []
 _LOADERS: list[PackageLoader] = []
+_EXPORTERS: dict[type, Callable] = {}
+_RUNTIMES: dict[str, Callable] = {}
 
 
 def register_rewrite(rewrite: Rewrite) -> Rewrite:
@@ -78,6 +80,31 @@ def register_rewrite(rewrite: Rewrite) -> Rewrite:
 
 def rewrites() -> list[Rewrite]:
     return list(_REWRITES)
+
+
+def register_exporter(model_type: type, export: Callable) -> None:
+    """Let :func:`~fqss_plugin.export.to_onnx` hand models of ``model_type`` (and its subclasses) to ``export(model,
+    path, target=..., integer_softmax=..., deploy=..., metadata=...)``: for a model whose graph is not
+    ``mixture -> sources`` (e.g. HTDemucs, whose STFT and iSTFT stay outside it)."""
+    _EXPORTERS[model_type] = export
+
+
+def exporter_for(model: nn.Module) -> Callable | None:
+    return next((export for kind, export in _EXPORTERS.items() if isinstance(model, kind)), None)
+
+
+def register_runtime(architecture: str, open_model: Callable) -> None:
+    """``open_model(path, threads, chunk_seconds)`` runs the files whose metadata names ``architecture`` (an
+    object with :class:`~fqss_plugin.export.OrtSeparator`'s interface: ``separate``, ``sample_rate``, ``n_src``,
+    ``sources``, ``audio_channels``)."""
+    _RUNTIMES[architecture] = open_model
+
+
+def runtime_for(architecture: str) -> Callable:
+    load_adapters()
+    if architecture not in _RUNTIMES:
+        raise ValueError(f"no installed adapter runs {architecture!r} models (known: {', '.join(_RUNTIMES) or 'none'})")
+    return _RUNTIMES[architecture]
 
 
 def register_package_loader(loader: PackageLoader) -> None:

@@ -149,6 +149,22 @@ class OrtSeparator:
     __call__ = separate
 
 
+def open_separator(path: str | Path, threads: int = 1, chunk_seconds: float | None = 30.0):
+    """The runtime of an exported file: :class:`OrtSeparator` for ``mixture -> sources`` graphs, or the runtime
+    an adapter registered for the ``architecture`` in the file's metadata (e.g. HTDemucs, whose STFT runs
+    outside the graph)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such ONNX model")
+    try:
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception as error:  # noqa: BLE001 - a malformed file: one clear message
+        raise ValueError(f"{path}: not an ONNX model ({type(error).__name__}: {error})") from None
+    if props.get("architecture"):
+        from .registry import runtime_for
+        return runtime_for(props["architecture"])(path, threads, chunk_seconds)
+    return OrtSeparator(path, threads=threads, chunk_seconds=chunk_seconds)
+
+
 def _refuse_if_it_would_saturate(path: Path, metadata: dict) -> None:
     """A file whose integer ops can saturate (:mod:`.saturation`) gives wrong output on this CPU if it has no
     VNNI: refuse it with the reason, whatever its metadata says (files from other exporters included)."""

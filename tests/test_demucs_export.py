@@ -1,0 +1,81 @@
+"""Int8 export of a quantized HTDemucs (the network between STFT and iSTFT) and running it: Demucs'
+``apply_model`` on :class:`OrtHTDemucs`, ``fqss export`` / ``fqss separate`` on a Demucs package."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from demucs.apply import apply_model
+
+import fqss_plugin as fq
+from fqss_plugin.demucs import OrtHTDemucs, prepare_model, save_quantized_model
+from fqss_plugin.export import ort_op_report, to_onnx
+from fqss_plugin.export.view import WaveformSeparator
+from tests.test_demucs_adapter import SOURCES, music, tiny_htdemucs
+
+
+def snr(estimate, reference) -> float:
+    estimate, reference = np.asarray(estimate), np.asarray(reference)
+    return float(10 * np.log10((reference ** 2).sum() / ((reference - estimate) ** 2).sum()))
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    from tests.conftest import single_thread
+    with single_thread():
+        model = prepare_model(tiny_htdemucs(), fq.QuantConfig.fqss(calib_steps=2))
+        model.train()
+        for seed in range(3):
+            model(music(seed=seed))
+            fq.calibration_step(model)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(calibrated, tmp_path_factory):
+    return to_onnx(calibrated, tmp_path_factory.mktemp("onnx") / "htdemucs.onnx")       # dispatched to Demucs' exporter
+
+
+def test_the_network_runs_in_integer_and_matches_torch(calibrated, exported, one_thread):
+    assert exported.n_src == 4 and exported.sample_rate == 8000
+    report = ort_op_report(exported.path)
+    assert report.integer["QLinearConv"] >= 20 and report.integer["QLinearMatMul"] >= 2   # convs, attention
+    assert report.integer["QLinearAdd"] >= 10                                             # residual and skip sums
+    runtime = OrtHTDemucs(exported.path)
+    mix = music(seed=7)
+    frozen = WaveformSeparator.frozen(calibrated).model
+    with torch.no_grad():
+        _, _, spec, wave, _, _ = frozen.analyse(mix)
+        reference = frozen.network(spec, wave)
+    outputs = runtime.session.run(None, {"spec": spec.numpy(), "wave": wave.numpy()})
+    for out, ref in zip(outputs, reference):
+        assert snr(out, ref.numpy()) > 25
+
+
+def test_demucs_apply_model_runs_the_int8_file(calibrated, exported, one_thread):
+    runtime = OrtHTDemucs(exported.path)
+    assert runtime.sources == SOURCES and runtime.audio_channels == 2
+    mix = music(seconds=2.5, seed=3)
+    with torch.no_grad():
+        reference = apply_model(WaveformSeparator.frozen(calibrated).model, mix, split=True, overlap=0.25, shifts=0)
+        estimate = apply_model(runtime, mix, split=True, overlap=0.25, shifts=0)
+    assert estimate.shape == reference.shape == (1, 4, 2, mix.shape[-1])
+    assert snr(estimate, reference) > 20
+
+
+def test_cli_exports_a_demucs_package_and_writes_named_stereo_stems(calibrated, tmp_path, capsys):
+    from fqss_plugin.cli import main as cli_main
+
+    package = save_quantized_model(calibrated, tmp_path / "exp" / "best.th")
+    out = tmp_path / "htdemucs.onnx"
+    assert cli_main(["export", "--checkpoint", str(package), "--out", str(out)]) == 2
+    assert "--trust-package" in capsys.readouterr().err                    # Demucs' loader unpickles
+    assert cli_main(["export", "--checkpoint", str(package), "--out", str(out), "--trust-package"]) == 0
+    song = music(seconds=1.5, seed=4)[0].numpy().T
+    sf.write(tmp_path / "song.wav", song, 8000, subtype="FLOAT")
+    assert cli_main(["separate", "--model", str(out), str(tmp_path / "song.wav"), "--out-dir", str(tmp_path / "st")]) == 0
+    stems = {s: sf.read(tmp_path / "st" / f"song_{s}.wav", dtype="float32") for s in SOURCES}
+    assert all(rate == 8000 and stem.shape == song.shape for stem, rate in stems.values())
+    total = sum(stem for stem, _ in stems.values())
+    assert np.isfinite(total).all() and np.abs(total).max() > 0
