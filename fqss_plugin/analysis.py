@@ -77,6 +77,13 @@ def separate(model: torch.nn.Module, mixture: torch.Tensor) -> torch.Tensor:
     return out if out.dim() == 3 else out.unsqueeze(1)
 
 
+def si_sdri_scores(model: torch.nn.Module, mixtures: list) -> list[float]:
+    """SI-SDR improvement (dB, permutation-invariant) of ``model`` on each mixture."""
+    from .loss import pit_sisdr_db as si_sdr_db
+    return [float(si_sdr_db(separate(model, m), s[None]) - si_sdr_db(m.expand_as(s)[None], s[None]))
+            for _, m, s in mixtures]
+
+
 @torch.no_grad()
 def analyze(model: torch.nn.Module, mixtures: list, float_model: torch.nn.Module | None = None,
             bits: tuple[int, ...] = BITS, sensitivity: bool = True) -> dict:
@@ -105,8 +112,7 @@ def analyze(model: torch.nn.Module, mixtures: list, float_model: torch.nn.Module
     result["measured_si_sdr_db"] = measured
 
     def scores_of(net) -> list[float]:
-        return [float(si_sdr_db(separate(net, m), s[None]) - si_sdr_db(m.expand_as(s)[None], s[None]))
-                for _, m, s in mixtures]
+        return si_sdri_scores(net, mixtures)
     result["si_sdri"] = {"quantized": scores_of(model)}
     if float_model is not None:
         result["si_sdri"]["float"] = scores_of(float_model)
@@ -182,6 +188,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most this many mixtures")
     parser.add_argument("--out", required=True, type=Path, help="folder for analysis.json and the plots")
     parser.add_argument("--no-sensitivity", action="store_true", help="skip the per-group bypass runs")
+    parser.add_argument("--weight-budget", type=float, default=None, metavar="BITS",
+                        help="also allocate per-layer weight bits (8, 6, 4) to this average, guided by each layer's "
+                             "measured SI-SDRi loss (quant.mixed_precision), and write weight_bits.json: the map a "
+                             "recipe's quant.layer_weight_bits takes")
     parser.add_argument("--trust-package", action="store_true", help="as for `fqss export`")
 
 
@@ -207,6 +217,17 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     result = analyze(model, mixtures, float_model, sensitivity=not args.no_sensitivity)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.weight_budget is not None:
+        from .quant.mixed_precision import allocate_weight_bits
+        try:
+            with torch.no_grad():
+                bits, report = allocate_weight_bits(model, lambda net: float(np.mean(si_sdri_scores(net, mixtures))),
+                                                    args.weight_budget)
+        except ValueError as error:
+            return fail(str(error))
+        result["weight_bits"] = {"budget": args.weight_budget, "map": bits, **report}
+        (args.out / "weight_bits.json").write_text(json.dumps(bits, indent=1))
+        print(f"{args.out / 'weight_bits.json'}: average {report['average_bits']:.2f} weight bits")
     (args.out / "analysis.json").write_text(json.dumps(result, indent=1))
     for path in plot(result, args.out):
         print(path)

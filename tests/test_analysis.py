@@ -71,3 +71,23 @@ def test_bad_arguments_are_one_clear_error(setup, tmp_path, capsys):
     assert cli_main(["analyze", "--checkpoint", str(setup / "best_model.pth"), "--mixtures",
                      str(tmp_path / "none.csv"), "--out", str(tmp_path / "o")]) == 2
     assert "none.csv: no such file" in capsys.readouterr().err
+
+
+def test_weight_budget_writes_a_map_that_the_recipe_conf_reads(setup, tmp_path):
+    from fqss_plugin.asteroid.recipe import RecipeError, quant_config
+
+    mixtures = setup / "data" / "data" / "wav8k" / "min" / "test" / "mixture_test_mix_clean.csv"
+    out = tmp_path / "analysis"
+    assert cli_main(["analyze", "--checkpoint", str(setup / "best_model.pth"), "--mixtures", str(mixtures),
+                     "--out", str(out), "--no-sensitivity", "--weight-budget", "6"]) == 0
+    bits = json.loads((out / "weight_bits.json").read_text())
+    report = json.loads((out / "analysis.json").read_text())["weight_bits"]
+    assert report["average_bits"] <= 6 and set(bits.values()) <= {4, 6, 8} and min(bits.values()) < 8
+    quant = {"mode": "fqss", "weight_bits": 7, "act_bits": 8, "calib_steps": 1, "layer_weight_bits": str(out / "weight_bits.json")}
+    config = quant_config({"quant": quant})
+    assert config.layer_weight_bits == bits
+    prepare_model(ConvTasNet(n_src=2, n_filters=16, kernel_size=16, stride=8, n_blocks=2, n_repeats=1, bn_chan=16,
+                             hid_chan=16, skip_chan=16, sample_rate=8000), config)      # every name is a layer
+    (tmp_path / "bad.yaml").write_text("- 4\n- 6\n")
+    with pytest.raises(RecipeError, match="layer_weight_bits.*mapping"):
+        quant_config({"quant": {**quant, "layer_weight_bits": str(tmp_path / "bad.yaml")}})

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from ..atomic import atomic_save
 from ..loss import FQSSLoss
 from ..quant import QuantConfig
+from ..quant.config import read_layer_weight_bits
 from .package import (load_float_model, load_quantized_model, prepare_model, save_quantized_model,
                       with_plain_versions)
 
@@ -58,7 +59,7 @@ CONF_KEYS = {
     "data": {"data_dir", "task", "sample_rate", "librimix_mode", "test_split", "n_src", "segment"},
     "training": {"epochs", "batch_size", "num_workers", "half_lr", "early_stop", "gradient_clip",
                  "limit_train_batches", "limit_val_batches", "progress_bar", "seed"},
-    "quant": {"mode", "lambda_kd", "weight_bits", "act_bits", "decoder_in_splits", "encoder_out_splits",
+    "quant": {"mode", "lambda_kd", "weight_bits", "layer_weight_bits", "act_bits", "decoder_in_splits", "encoder_out_splits",
               "calib_steps", "calib_method", "quantizer_lr", "loss_average"},
     "optim": None, "filterbank": None, "masknet": None,     # passed on as keyword arguments (checked there)
 }
@@ -157,13 +158,20 @@ def check_audio_files(dataset: LibriMix, sample_rate: int) -> None:
             raise RecipeError(f"{path}: sample rate {rate} Hz, but data.sample_rate is {sample_rate} Hz")
 
 
+def layer_weight_bits(path: str | None) -> dict[str, int]:
+    try:
+        return read_layer_weight_bits(path)
+    except ValueError as error:
+        raise RecipeError(f"quant.layer_weight_bits={path}: {error}") from None
+
+
 def quant_config(conf: dict) -> QuantConfig:
     quant = conf["quant"]
     preset = QuantConfig.fqss if quant["mode"] == "fqss" else QuantConfig.vanilla
     optional = {key: quant[key] for key in ("calib_method", "quantizer_lr", "decoder_in_splits", "encoder_out_splits")
                 if key in quant}
     return preset(weight_bits=quant["weight_bits"], act_bits=quant["act_bits"], calib_steps=quant["calib_steps"],
-                  **optional)
+                  layer_weight_bits=layer_weight_bits(quant.get("layer_weight_bits")), **optional)
 
 
 def check_model_keys(conf: dict, model_class: type) -> None:

@@ -29,6 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 from ..atomic import atomic_path, atomic_save
 from ..loss import FQSSLoss
 from ..quant import QuantConfig, attach_calibration, parameter_groups
+from ..quant.config import read_layer_weight_bits
 from ..music_eval import evaluate_musdb, nsdr
 from .audio_io import use_soundfile_backend
 
@@ -76,8 +77,13 @@ def load_conf(argv: list[str]):
 
 def quant_config(conf, **fixed) -> QuantConfig:
     """The preset of ``quant.mode`` with the conf's bits, calibration and quantizer lr (``fixed`` on top)."""
+    try:
+        layer_bits = read_layer_weight_bits(conf.quant.layer_weight_bits)
+    except ValueError as error:
+        raise RecipeError(f"quant.layer_weight_bits={conf.quant.layer_weight_bits}: {error}") from None
     return PRESETS[conf.quant.mode](weight_bits=conf.quant.weight_bits, act_bits=conf.quant.act_bits,
-                                    calib_steps=conf.quant.calib_steps, quantizer_lr=conf.quant.quantizer_lr, **fixed)
+                                    calib_steps=conf.quant.calib_steps, quantizer_lr=conf.quant.quantizer_lr,
+                                    layer_weight_bits=layer_bits, **fixed)
 
 
 def pretrained_path(conf) -> Path:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 
 @dataclass
@@ -104,3 +105,19 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def read_layer_weight_bits(path: str | None) -> dict[str, int]:
+    """A per-layer weight-bits map from a JSON or YAML file ``{module name: bits}`` (as ``fqss analyze
+    --weight-budget`` writes it), for ``QuantConfig(layer_weight_bits=...)``; ``{}`` for no file.
+    ``ValueError`` for an unreadable file or another structure."""
+    if not path:
+        return {}
+    import yaml
+    try:
+        bits = yaml.safe_load(Path(path).read_text())           # JSON is YAML
+    except (OSError, yaml.YAMLError) as error:
+        raise ValueError(f"not a readable JSON/YAML file ({error})") from None
+    if not isinstance(bits, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in bits.items()):
+        raise ValueError("expected a mapping {module name: bits}")
+    return bits
