@@ -292,3 +292,25 @@ def test_last_checkpoint_holds_the_top_k_record_of_its_own_epoch(float_exp):
     scores = top_k_scores(checkpoints)
     assert sorted(scores) == files and all(score == pytest.approx(float(record["best_k_models"][str(path)]))
                                            for path, score in scores.items())
+
+
+def test_a_kill_during_any_lightning_checkpoint_write_leaves_the_earlier_file(tmp_path, monkeypatch):
+    """Top-k checkpoints and last.ckpt go through AtomicCheckpointIO: a write that dies half-way (here: torch.save
+    writes some bytes, then the process is 'killed') leaves the earlier checkpoint whole and loadable."""
+    from fqss_plugin.asteroid.recipe import AtomicCheckpointIO
+
+    path = tmp_path / "epoch=3-step=40.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"epoch": 3, "state_dict": {"w": torch.ones(3)}}, path)
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"epoch": 4, "state_dict": {"w": torch.zeros(3)}}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(path, weights_only=True)["epoch"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]            # no temporary file left behind

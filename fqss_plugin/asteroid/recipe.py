@@ -32,6 +32,7 @@ from asteroid.metrics import get_metrics
 from asteroid.utils import parse_args_as_dict, prepare_parser_from_dict
 from pytorch_lightning.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -252,7 +253,8 @@ def make_loaders(conf: dict) -> tuple[DataLoader, DataLoader]:
 
 
 class LastCheckpoint(Checkpoint):
-    """Write ``last.ckpt`` at the end of *every* training epoch, atomically (temporary file, then rename).
+    """Write ``last.ckpt`` at the end of *every* training epoch (atomically, as every checkpoint of
+    :func:`make_trainer`'s trainer).
 
     Lightning's ``ModelCheckpoint(save_last=True)`` only refreshes ``last.ckpt`` when a top-k
     checkpoint is saved, so a run interrupted after epochs that did not improve would resume from
@@ -266,10 +268,7 @@ class LastCheckpoint(Checkpoint):
         self.path = Path(path)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        partial = self.path.with_name(self.path.name + ".tmp")
-        trainer.save_checkpoint(partial)
-        if trainer.is_global_zero:
-            os.replace(partial, self.path)
+        trainer.save_checkpoint(self.path)                 # atomic through AtomicCheckpointIO
 
 
 def writable_dir(path: Path, flag: str) -> Path:
@@ -304,9 +303,18 @@ def make_loss(conf: dict) -> nn.Module:
                     average=conf["quant"].get("loss_average", "linear"))
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, atomically: every checkpoint (top-k, ``last.ckpt``) is the earlier file or
+    the whole new one, whenever the process is killed (:func:`~fqss_plugin.atomic.atomic_save`)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        atomic_save(checkpoint, Path(path))
+
+
 def make_trainer(conf: dict, exp_dir: Path) -> tuple[pl.Trainer, ModelCheckpoint]:
     """The Lightning ``Trainer`` with Asteroid's callbacks (top-3 ``ModelCheckpoint`` on ``val_loss``,
-    ``EarlyStopping``) plus ``checkpoints/last.ckpt`` after every epoch (for resuming), and a CSV logger."""
+    ``EarlyStopping``) plus ``checkpoints/last.ckpt`` after every epoch (for resuming), and a CSV logger;
+    checkpoints are written atomically (:class:`AtomicCheckpointIO`)."""
     checkpoint_dir = exp_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, monitor="val_loss", mode="min", save_top_k=3, verbose=True)
     callbacks = [checkpoint, LastCheckpoint(checkpoint_dir / "last.ckpt")]
@@ -317,7 +325,8 @@ def make_trainer(conf: dict, exp_dir: Path) -> tuple[pl.Trainer, ModelCheckpoint
                          gradient_clip_val=conf["training"]["gradient_clip"],
                          limit_train_batches=conf["training"]["limit_train_batches"],
                          limit_val_batches=conf["training"]["limit_val_batches"],
-                         enable_progress_bar=conf["training"]["progress_bar"], deterministic="warn")
+                         enable_progress_bar=conf["training"]["progress_bar"], deterministic="warn",
+                         plugins=[AtomicCheckpointIO()])
     return trainer, checkpoint
 
 
