@@ -142,8 +142,6 @@ class OrtHTDemucs(nn.Module):
         stems = separator(self, shifts=0)(np.asarray(mixture, dtype=np.float32).T, self.samplerate)
         return np.stack([stems[source].T for source in self.sources])
 
-    __call__ = nn.Module.__call__
-
 
 def load_quantized_package(source: str) -> FQSSHTDemucs:
     """A quantized HTDemucs from its Demucs package (``<name>.th``), through Demucs' own loader."""

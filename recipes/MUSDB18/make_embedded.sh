@@ -5,7 +5,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
-DATA=$ROOT/data/musdb18hq
+DATA=$ROOT/data/musdb18hq            # the recipes' and benchmark's default (relative paths in what they record)
 HTDEMUCS_EPOCHS=${HTDEMUCS_EPOCHS:-40}
 CONVTASNET_EPOCHS=${CONVTASNET_EPOCHS:-15}
 QAT_EPOCHS=${QAT_EPOCHS:-3}
@@ -14,16 +14,16 @@ QAT_EPOCHS=${QAT_EPOCHS:-3}
     --test-tracks 10 --seconds 20 --jobs 2 --quiet
 
 cd "$ROOT/recipes/MUSDB18/HTDemucs"
-"$PY" train.py conf/float.yaml exp_dir=exp/embedded_float optim.epochs="$HTDEMUCS_EPOCHS" dset.musdb="$DATA"
+"$PY" train.py conf/float.yaml exp_dir=exp/embedded_float optim.epochs="$HTDEMUCS_EPOCHS"
 mkdir -p pretrained/embedded_float
 cp exp/embedded_float/{best.th,history.json,test_results.json,conf.yaml} pretrained/embedded_float/
 
 cd "$ROOT/recipes/MUSDB18/ConvTasNet"
-"$PY" train.py conf/float.yaml exp_dir=exp/embedded_float optim.epochs="$CONVTASNET_EPOCHS" dset.musdb="$DATA"
+"$PY" train.py conf/float.yaml exp_dir=exp/embedded_float optim.epochs="$CONVTASNET_EPOCHS"
 mkdir -p pretrained/embedded_float
 cp exp/embedded_float/{best_model.pth,history.json,test_results.json,conf.yaml} pretrained/embedded_float/
 
 cd "$ROOT"
-"$PY" benchmarks/music_table.py --musdb "$DATA" --epochs "$QAT_EPOCHS" \
+"$PY" benchmarks/music_table.py --epochs "$QAT_EPOCHS" \
     --teacher HTDemucs=recipes/MUSDB18/HTDemucs/pretrained/embedded_float/best.th \
     --teacher ConvTasNet=recipes/MUSDB18/ConvTasNet/pretrained/embedded_float/best_model.pth
