@@ -27,3 +27,5 @@ cd "$ROOT"
 "$PY" benchmarks/music_table.py --epochs "$QAT_EPOCHS" \
     --teacher HTDemucs=recipes/MUSDB18/HTDemucs/pretrained/embedded_float/best.th \
     --teacher ConvTasNet=recipes/MUSDB18/ConvTasNet/pretrained/embedded_float/best_model.pth
+"$PY" benchmarks/music_sensitivity.py --recipe HTDemucs \
+    --package recipes/MUSDB18/HTDemucs/pretrained/embedded_float/best.th
