@@ -239,3 +239,12 @@ def test_training_under_autocast_warns_once(monkeypatch):
         with pytest.warns(UserWarning, match="autocast"):
             quantizer(torch.randn(8))
     assert ActivationQuantizer._warned_autocast
+
+
+def test_mse_calibration_samples_stay_in_range_on_tensors_past_float32_precision():
+    """The evenly spaced samples of MSE calibration end exactly at the last element, also past 2^24 elements
+    (a float32 linspace rounds up to an index one past the end on tensors such as HTDemucs' [4, 8, 128, 7482])."""
+    from fqss_plugin.quant.quantizers import evenly_spaced
+    for numel in (4096, 4097, 16_777_217, 30_647_296, 2**31 + 11):
+        index = evenly_spaced(numel, 4096)
+        assert index[0] == 0 and index[-1] == numel - 1 and bool((index[1:] > index[:-1]).all())

@@ -81,9 +81,12 @@ def quant_config(conf, **fixed) -> QuantConfig:
         layer_bits = read_layer_weight_bits(conf.quant.layer_weight_bits)
     except ValueError as error:
         raise RecipeError(f"quant.layer_weight_bits={conf.quant.layer_weight_bits}: {error}") from None
-    return PRESETS[conf.quant.mode](weight_bits=conf.quant.weight_bits, act_bits=conf.quant.act_bits,
-                                    calib_steps=conf.quant.calib_steps, quantizer_lr=conf.quant.quantizer_lr,
-                                    layer_weight_bits=layer_bits, **fixed)
+    try:
+        return PRESETS[conf.quant.mode](weight_bits=conf.quant.weight_bits, act_bits=conf.quant.act_bits,
+                                        calib_steps=conf.quant.calib_steps, calib_method=conf.quant.calib_method,
+                                        quantizer_lr=conf.quant.quantizer_lr, layer_weight_bits=layer_bits, **fixed)
+    except ValueError as error:
+        raise RecipeError(f"quant: {error}") from None
 
 
 def pretrained_path(conf) -> Path:

@@ -183,6 +183,12 @@ class ActivationQuantizer(nn.Module):
         return f"bits={self.bits}, method={self.method}, calib_steps={int(self.calib_steps)}"
 
 
+def evenly_spaced(numel: int, count: int, device=None) -> torch.Tensor:
+    """``count`` indices ``⌊i·(numel - 1) / (count - 1)⌋`` from ``0`` to ``numel - 1``, in exact integer arithmetic
+    (a float32 ``linspace`` rounds past the last index once ``numel`` exceeds 2^24)."""
+    return torch.arange(count, device=device, dtype=torch.int64) * (numel - 1) // max(count - 1, 1)
+
+
 @torch.no_grad()
 def _mse_optimal_range(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, q_max: int,
                        candidates: int = 32, max_samples: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +200,7 @@ def _mse_optimal_range(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, q
     """
     flat = x.reshape(-1)
     if flat.numel() > max_samples:
-        flat = flat[torch.linspace(0, flat.numel() - 1, max_samples, device=x.device).long()]
+        flat = flat[evenly_spaced(flat.numel(), max_samples, x.device)]
     factors = torch.logspace(-2, 0, candidates, device=x.device, dtype=flat.dtype)
 
     def best(lows: torch.Tensor, highs: torch.Tensor) -> int:
