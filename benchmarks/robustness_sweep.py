@@ -89,6 +89,12 @@ def make_fixtures(root: Path) -> dict:
         nan_model.masker.bottleneck[1].weight.fill_(float("nan"))
     save_quantized_model(nan_model, root / "nan.pth")
     to_onnx(model, root / "model.onnx")
+    import onnx
+    bare = onnx.load(str(root / "model.onnx"))
+    del bare.metadata_props[:]                                   # an ONNX file from another exporter
+    onnx.save(bare, str(root / "bare.onnx"))
+    (root / "truncated.onnx").write_bytes((root / "model.onnx").read_bytes()[:4096])
+    (root / "corrupt.th").write_bytes(b"not a model package")
     generate_speech(SpeechConfig(out=root / "speech", hours=0.003, train_speakers=4, eval_speakers=3, eval_mixtures=2,
                                  jobs=1, progress=False, cross_engine=False, mix_types=("mix_clean",)))
     rng = np.random.default_rng(0)
@@ -152,6 +158,11 @@ def cases(root: Path) -> list[Case]:
              "noise.wav"),
         Case("separate", "a missing model", FQSS + ["separate", "--model", str(root / "none.onnx"), "--out-dir",
              str(out / "m"), str(root / "good.wav")], "error", "none.onnx"),
+        Case("separate", "an ONNX file without fqss metadata", FQSS + ["separate", "--model", str(root / "bare.onnx"),
+             "--out-dir", str(out / "b"), str(root / "rate.wav")], "error", "--sample-rate",
+             check=lambda: not (out / "b").exists() or not any((out / "b").iterdir())),
+        Case("separate", "a truncated ONNX file", FQSS + ["separate", "--model", str(root / "truncated.onnx"),
+             "--out-dir", str(out / "t"), str(root / "good.wav")], "error", "truncated.onnx"),
         Case("separate", "--out-dir is a file", sep + ["--out-dir", str(root / "afile"), str(root / "good.wav")],
              "error", "afile", check=lambda: (root / "afile").read_text() == "an earlier result"),
         Case("export", "a good package", exp + ["--checkpoint", str(root / "fqss.pth"), "--out",
@@ -201,6 +212,17 @@ def cases(root: Path) -> list[Case]:
              f"exp_dir={out / 'h'}"], "error", "dset.musdb", cwd=htdemucs),
         Case("HTDemucs recipe", "QAT without pretrained", train + ["conf/fqss.yaml", f"dset.musdb={root}",
              f"exp_dir={out / 'h2'}"], "error", "pretrained", cwd=htdemucs),
+        Case("HTDemucs recipe", "a corrupt pretrained package", train + ["conf/fqss.yaml", f"dset.musdb={root}",
+             f"pretrained={root / 'corrupt.th'}", f"exp_dir={out / 'h3'}"], "error", "corrupt.th", cwd=htdemucs),
+        Case("HTDemucs recipe", "a negative segment", train + ["conf/float.yaml", "dset.segment=-1",
+             f"exp_dir={out / 'h4'}"], "error", "dset.segment", cwd=htdemucs),
+        Case("HTDemucs recipe", "a batch the remix cannot group", train + ["conf/float.yaml", "optim.batch_size=6",
+             f"exp_dir={out / 'h5'}"], "error", "group_size", cwd=htdemucs),
+        Case("HTDemucs recipe", "an unknown calibration method", train + ["conf/fqss.yaml", "quant.calib_method=minmax",
+             f"pretrained={root / 'corrupt.th'}", f"exp_dir={out / 'h6'}"], "error", "calib_method", cwd=htdemucs),
+        Case("music ConvTasNet recipe", "a corrupt pretrained package", train + ["conf/fqss.yaml",
+             f"pretrained={root / 'corrupt.th'}", f"exp_dir={out / 'c1'}"], "error", "corrupt.th",
+             cwd=REPO / "recipes" / "MUSDB18" / "ConvTasNet"),
     ]
 
 

@@ -4,7 +4,12 @@ For each ``--bits`` value: a ``--qat-steps`` FQSS QAT from the shipped teacher w
 (``benchmarks/int8_runtime.py``'s ``cached_qat``, the recipe's loss settings; 8-bit activations everywhere),
 its SI-SDRi on the embedded test set paired against the float teacher (95 % CI), and the ONNX file ``to_onnx``
 writes for it: codes of ``b`` bits stored in int8 (so the file is as large as the 7-bit one; packing 4-bit
-codes is not done), its onnxruntime SI-SDRi and the largest weight code in it. Writes its section of BENCHMARKS.md.
+codes is not done), its onnxruntime SI-SDRi and the largest weight code in it.
+
+``--mixed BITS`` adds a mixed-precision row: :func:`fqss_plugin.quant.mixed_precision.allocate_weight_bits` picks
+8, 6 or 4 bits per layer of the 8-bit QAT model to an average of ``BITS`` (scored on ``--allocate-mixtures``
+mixtures of the dev split, never the test split), and the same QAT then trains the teacher under that map; the row
+is paired against the 8-bit one. Writes its section of BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -32,9 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qat-steps", type=int, default=150)
     parser.add_argument("--calib-steps", type=int, default=20)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "exp" / "weight_bits")
+    parser.add_argument("--mixed", type=float, default=None, metavar="BITS",
+                        help="also a mixed-precision model at this average weight width (needs 8 in --bits)")
+    parser.add_argument("--allocate-mixtures", type=int, default=20, help="dev mixtures scoring the allocation")
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
+    if args.mixed is not None and 8 not in args.bits:
+        parser.error("--mixed allocates bits on the 8-bit model: add 8 to --bits")
     import onnxruntime as ort
     from fqss_plugin.export import to_onnx
     from fqss_plugin.export.runtime import session_options
@@ -48,19 +58,28 @@ def main(argv: list[str] | None = None) -> int:
         float_scores = si_sdr_improvements(lambda x: teacher(x).numpy(), test_set)
     rows = ["| weight bits | QAT (s) | torch fake-quant SI-SDRi | vs float (paired, 95% CI) | int8 file | onnxruntime SI-SDRi | "
             "largest weight code |", "|---|---|---|---|---|---|---|"]
-    for bits in args.bits:
+    runs = [(str(bits), f"w{bits}", {"weight_bits": bits}) for bits in args.bits]
+    if args.mixed is not None:
+        runs.append((f"mixed, average {args.mixed:g}", f"mixed{args.mixed:g}", None))
+    all_scores = {}
+    for label, stem, overrides in runs:
+        if overrides is None:                      # the mixed row: bits allocated on the 8-bit QAT model
+            bit_map, report = mixed_bits(work / "w8.pth", teacher, args.mixed, args.allocate_mixtures)
+            overrides = {"weight_bits": 8, "layer_weight_bits": bit_map}
+            label = f"mixed 8/6/4, average {report['average_bits']:.2f}"
         model, meta = cached_qat(teacher, source, recipe_loss_settings(), args.qat_steps, args.calib_steps, work,
-                                 args.retrain, stem=f"w{bits}", weight_bits=bits)
+                                 args.retrain, stem=stem, **overrides)
         with torch.no_grad():
-            scores = si_sdr_improvements(lambda x: model(x).numpy(), test_set)
-        path = work / f"w{bits}.onnx"
-        result = to_onnx(model, path, target="vnni" if bits == 8 else "portable")
+            scores = all_scores[stem] = si_sdr_improvements(lambda x: model(x).numpy(), test_set)
+        path = work / f"{stem}.onnx"
+        widest = max([overrides["weight_bits"], *overrides.get("layer_weight_bits", {}).values()])
+        result = to_onnx(model, path, target="vnni" if widest == 8 else "portable")
         session = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
         ort_scores = si_sdr_improvements(lambda x: session.run(None, {"mixture": x.numpy()})[0], test_set)
         codes = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
         largest = max(int(np.abs(c.astype(np.int32)).max()) for c in codes if c.dtype == np.int8 and c.size > 1)
         delta, ci = paired_delta(scores, float_scores)
-        rows.append(f"| {bits} | {meta.get('qat_seconds', '-')} | {np.mean(scores):.3f} | {delta:+.3f} ± {ci:.3f} | "
+        rows.append(f"| {label} | {meta.get('qat_seconds', '-')} | {np.mean(scores):.3f} | {delta:+.3f} ± {ci:.3f} | "
                     f"{result.bytes:,} B | {np.mean(ort_scores):.3f} | {largest} |")
         print(rows[-1], flush=True)
     body = f"""Command: `{command_line()}`
@@ -68,12 +87,35 @@ def main(argv: list[str] | None = None) -> int:
 The embedded ConvTasNet: the shipped float teacher ({source}, SI-SDRi {np.mean(float_scores):.3f} dB over the
 {len(test_set)} test mixtures), then a {args.qat_steps}-step FQSS QAT ({args.calib_steps} calibrating, the recipe's
 loss settings, batch 4 x 1 s, same seed) per weight width; activations stay 8-bit. The 8-bit row is exported with
-`target="vnni"` (int8 codes up to 127); the others are portable. Files store every width in int8.
+`target="vnni"` (int8 codes up to 127), as is a mixed model with 8-bit layers; the others are portable. Files store every width in int8.
 
 {chr(10).join(rows)}
-"""
+{mixed_note(all_scores, args)}"""
     publish("Weights below 8 bits (embedded ConvTasNet)", body, not args.no_write)
     return 0
+
+
+def mixed_bits(w8_package: Path, teacher, budget: float, mixtures: int) -> tuple[dict[str, int], dict]:
+    """Per-layer weight bits (8, 6, 4) at an average of ``budget``, allocated on the 8-bit QAT model by the
+    SI-SDRi of ``mixtures`` dev mixtures (``allocate_weight_bits``: one layer narrowed at a time, greedy)."""
+    from fqss_plugin.asteroid import load_quantized_model
+    from fqss_plugin.quant.mixed_precision import allocate_weight_bits
+    model = load_quantized_model(w8_package).eval()
+    dev = [dataset("dev", None)[i] for i in range(mixtures)]
+    with torch.no_grad():
+        return allocate_weight_bits(model, lambda net: float(np.mean(si_sdr_improvements(
+            lambda x: net(x).numpy(), dev))), budget)
+
+
+def mixed_note(scores: dict[str, list[float]], args) -> str:
+    """The mixed row against the 8-bit row (paired over the test mixtures), or nothing without ``--mixed``."""
+    if args.mixed is None:
+        return ""
+    stem = f"mixed{args.mixed:g}"
+    delta, ci = paired_delta(scores[stem], scores["w8"])
+    return (f"\nMixed precision (`--mixed {args.mixed:g}`: bits allocated on the 8-bit QAT model by "
+            f"{args.allocate_mixtures} dev mixtures, then the same QAT under that map) vs the 8-bit weights: "
+            f"{delta:+.3f} ± {ci:.3f} dB SI-SDRi (paired, 95% CI).\n")
 
 
 if __name__ == "__main__":

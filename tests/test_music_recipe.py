@@ -59,6 +59,17 @@ def test_bad_inputs_name_the_key_or_path(musdb_root, tmp_path):
         run(recipe, "fqss.yaml", musdb_root, tmp_path / "y")
     with pytest.raises(recipe.RecipeError, match="dset.musdb"):
         run(recipe, "float.yaml", tmp_path / "nowhere", tmp_path / "z")
+    with pytest.raises(recipe.RecipeError, match="dset.segment=-1"):
+        run(recipe, "float.yaml", musdb_root, tmp_path / "s", "dset.segment=-1")
+    with pytest.raises(recipe.RecipeError, match="group_size=2"):              # TINY groups the remix by 2
+        run(recipe, "float.yaml", musdb_root, tmp_path / "b", "optim.batch_size=3")
+    with pytest.raises(recipe.RecipeError, match="calib_method"):
+        run(recipe, "fqss.yaml", musdb_root, tmp_path / "c", "quant.calib_method=minmax", "pretrained=/nowhere.th")
+    corrupt = tmp_path / "corrupt.th"
+    corrupt.write_bytes(b"not a package")
+    with pytest.raises(recipe.RecipeError, match="corrupt.th: not a readable model package"):
+        run(recipe, "fqss.yaml", musdb_root, tmp_path / "p", f"pretrained={corrupt}")
+    assert not (tmp_path / "p" / "checkpoint.th").exists()
 
 
 def test_torchrun_two_processes_train_fqss(musdb_root, tmp_path):

@@ -7,7 +7,7 @@ import torch
 import fqss_plugin as fq
 from fqss_plugin.asteroid import prepare_model
 from fqss_plugin.quant import ActivationQuantizer, WeightQuantizer
-from fqss_plugin.quant.sensitivity import bypassed, modules_named, quantizer_groups
+from fqss_plugin.quant.sensitivity import bypassed, modules_named, quantizer_groups, quantizer_places
 from tests.conftest import error_after_one_calibration_step, relative_error, speech_like
 from tests.test_asteroid_adapter import tiny_convtasnet
 
@@ -30,6 +30,19 @@ def test_every_quantizer_is_in_exactly_one_role_group(models):
     assert len(groups["QConv1d (depthwise) outputs"]) == 3
     assert groups["QFilterbankDecoder inputs"] == ["decoder.input_quantizer.first"]   # the mask product
     assert "encoder.input_splitter.weight_quantizers.0" in groups["QFilterbankEncoder weights"]
+
+
+def test_places_partition_the_quantizers_by_the_submodule_holding_them(models):
+    _, model = models
+    places, layers = quantizer_places(model), quantizer_places(model, depth=3)
+    names = sorted(n for n, m in model.named_modules() if isinstance(m, (ActivationQuantizer, WeightQuantizer)))
+    for grouping in (places, layers):
+        assert sorted(n for members in grouping.values() for n in members) == names
+    assert set(places) == {"encoder", "masker", "decoder"}
+    assert all(n.startswith("masker.") for n in places["masker"])
+    assert len(layers) > len(places) and all(len(key.split(".")) <= 3 for key in layers)
+    with pytest.raises(ValueError, match="depth"):
+        quantizer_places(model, depth=0)
 
 
 def test_bypassing_every_quantizer_gives_back_the_float_model_and_nothing_sticks(models):

@@ -143,7 +143,8 @@ def _load_package(path: Path) -> dict:
         with torch.serialization.safe_globals([TorchVersion]):
             package = torch.load(path, map_location="cpu")
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"{path}: not a readable Asteroid model package ({type(error).__name__}: {error})") from None
+        detail = next((line for line in str(error).splitlines() if line.strip()), "no detail")
+        raise ValueError(f"{path}: not a readable Asteroid model package ({type(error).__name__}: {detail})") from None
     if not isinstance(package, dict) or not {"model_name", "model_args", "state_dict"} <= set(package):
         raise ValueError(f"{path}: not an Asteroid model package (expected keys model_name, model_args, state_dict)")
     return package

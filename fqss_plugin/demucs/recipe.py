@@ -72,7 +72,27 @@ def load_conf(argv: list[str]):
         raise RecipeError(f"{argv[0]}: {str(error).splitlines()[0]}") from None
     if conf.quant.mode not in MODES:
         raise RecipeError(f"quant.mode={conf.quant.mode}: expected one of {', '.join(MODES)}")
+    check_values(conf)
+    if conf.quant.mode != "float":
+        quant_config(conf)                         # a bad quantization setting is named before any loading
     return conf
+
+
+def check_values(conf) -> None:
+    """A clear error for a value the training would only choke on later (a negative segment, a batch the remix
+    augmentation cannot split into its groups)."""
+    positive = ("dset.segment", "dset.shift", "dset.samplerate", "optim.lr", "optim.batch_size")
+    for key in positive:
+        value = OmegaConf.select(conf, key)
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            raise RecipeError(f"{key}={value}: expected a positive number")
+    if not isinstance(conf.optim.epochs, int) or conf.optim.epochs < 0:
+        raise RecipeError(f"optim.epochs={conf.optim.epochs}: expected a non-negative integer")
+    remix = OmegaConf.select(conf, "augment.remix")
+    if remix is not None and remix.proba > 0 and conf.optim.batch_size % remix.group_size:
+        raise RecipeError(f"optim.batch_size={conf.optim.batch_size}: Demucs' remix augmentation shuffles sources "
+                          f"within groups of augment.remix.group_size={remix.group_size} examples; use a multiple of "
+                          f"it (or augment.remix.proba=0)")
 
 
 def quant_config(conf, **fixed) -> QuantConfig:
@@ -87,6 +107,19 @@ def quant_config(conf, **fixed) -> QuantConfig:
                                         quantizer_lr=conf.quant.quantizer_lr, layer_weight_bits=layer_bits, **fixed)
     except ValueError as error:
         raise RecipeError(f"quant: {error}") from None
+
+
+def load_pretrained(load: Callable[[object], nn.Module], path) -> nn.Module:
+    """``load(path)`` (the recipe's package loader), with a clear error naming a file that is no such package."""
+    try:
+        return load(path)
+    except FileNotFoundError:
+        raise RecipeError(f"pretrained={path}: no such file") from None
+    except RecipeError:
+        raise
+    except Exception as error:                     # a corrupt, truncated or foreign file: unpickling fails anywhere
+        raise RecipeError(f"pretrained={path}: not a readable model package ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
 
 
 def pretrained_path(conf) -> Path:

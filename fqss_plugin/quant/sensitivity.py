@@ -5,7 +5,8 @@ A quantizer :func:`bypassed` computes nothing (``Q(x) = x``) while its state is 
 costs (a one-at-a-time sensitivity analysis; the groups' costs need not add up, since roundings
 interact). :func:`quantizer_groups` names the groups by role, for any model :func:`~fqss_plugin.prepare`
 made: the outputs of every wrapper class (``QGlobLN outputs``; depthwise convolutions apart from the
-others), and the weights of every weighted-layer class.
+others), and the weights of every weighted-layer class. :func:`quantizer_places` groups the same quantizers
+by where they sit instead (the model's submodule holding them: a branch, an encoder).
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from torch import nn
 from .quantizers import WeightQuantizer
 from .signal_io import InputSplitter, SplitActivationQuantizer
 from .state import LEARNED_QUANTIZERS
-
 
 
 @contextmanager
@@ -65,6 +65,17 @@ def quantizer_groups(model: nn.Module) -> dict[str, list[str]]:
         role = "weights" if isinstance(module, WeightQuantizer) else attribute.replace("_quantizer", "") + "s"
         groups[f"{_describe(owner)} {role}"].append(name)
     return dict(groups)
+
+
+def quantizer_places(model: nn.Module, depth: int = 1) -> dict[str, list[str]]:
+    """Quantizer module names of ``model`` grouped by the first ``depth`` components of their name (the
+    submodule holding them, e.g. ``encoder`` or, with ``depth=2``, ``encoder.0``), in the order they appear."""
+    if depth < 1:
+        raise ValueError(f"quantizer_places: depth must be at least 1, got {depth}")
+    places: dict[str, list[str]] = defaultdict(list)
+    for name in (n for n, m in model.named_modules() if isinstance(m, LEARNED_QUANTIZERS)):
+        places[".".join(name.split(".")[:depth])].append(name)
+    return dict(places)
 
 
 def _describe(module: nn.Module | None) -> str:

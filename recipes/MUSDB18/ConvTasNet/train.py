@@ -21,7 +21,8 @@ from fqss_plugin.asteroid import StereoConvTasNet, prepare_model, resolve_packag
 from fqss_plugin.asteroid.package import is_quantized_package, load_float_model, load_quantized_model, \
     with_plain_versions
 from fqss_plugin.atomic import atomic_save
-from fqss_plugin.demucs.recipe import ModelIO, RecipeError, main as train_main, pretrained_path, quant_config, run
+from fqss_plugin.demucs.recipe import (ModelIO, RecipeError, load_pretrained, main as train_main, pretrained_path,
+                                      quant_config, run)
 
 
 def load_float(path):
@@ -35,11 +36,11 @@ def load_float(path):
 def build_models(conf):
     """(model to train, float teacher or None, QuantConfig or None) for ``quant.mode``."""
     if conf.quant.mode == "float":
-        model = load_float(conf.pretrained) if conf.pretrained else \
+        model = load_pretrained(load_float, conf.pretrained) if conf.pretrained else \
             StereoConvTasNet(sources=list(conf.dset.sources), audio_channels=conf.dset.channels,
                              sample_rate=conf.dset.samplerate, **OmegaConf.to_container(conf.convtasnet))
         return model, None, None
-    teacher = load_float(pretrained_path(conf)).eval().requires_grad_(False)
+    teacher = load_pretrained(load_float, pretrained_path(conf)).eval().requires_grad_(False)
     if not isinstance(teacher, StereoConvTasNet):
         raise RecipeError(f"pretrained={conf.pretrained}: a {type(teacher).__name__}, not a StereoConvTasNet")
     config = quant_config(conf, normalize_input=False)      # the method's music splitter: no normalisation

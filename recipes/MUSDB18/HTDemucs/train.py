@@ -21,18 +21,19 @@ from omegaconf import OmegaConf
 
 from fqss_plugin.atomic import atomic_save
 from fqss_plugin.demucs import prepare_model, save_quantized_model
-from fqss_plugin.demucs.recipe import ModelIO, RecipeError, main as train_main, pretrained_path, quant_config, run
+from fqss_plugin.demucs.recipe import (ModelIO, RecipeError, load_pretrained, main as train_main, pretrained_path,
+                                      quant_config, run)
 from fqss_plugin.quant import is_quantized
 
 
 def build_models(conf):
     """(model to train, float teacher or None, QuantConfig or None) for ``quant.mode``."""
     if conf.quant.mode == "float":
-        model = load_model(conf.pretrained) if conf.pretrained else \
+        model = load_pretrained(load_model, conf.pretrained) if conf.pretrained else \
             HTDemucs(sources=list(conf.dset.sources), audio_channels=conf.dset.channels,
                      samplerate=conf.dset.samplerate, **OmegaConf.to_container(conf.htdemucs))
         return model, None, None
-    teacher = load_model(pretrained_path(conf)).eval().requires_grad_(False)
+    teacher = load_pretrained(load_model, pretrained_path(conf)).eval().requires_grad_(False)
     if is_quantized(teacher):
         raise RecipeError(f"pretrained={conf.pretrained}: a quantized model; the float teacher is needed")
     config = quant_config(conf)
