@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(str(bits), f"w{bits}", {"weight_bits": bits}) for bits in args.bits]
     if args.mixed is not None:
         runs.append((f"mixed, average {args.mixed:g}", f"mixed{args.mixed:g}", None))
-    all_scores = {}
+    all_scores, int4_lines = {}, []
     for label, stem, overrides in runs:
         if overrides is None:                      # the mixed row: bits allocated on the 8-bit QAT model
             bit_map, report = mixed_bits(work / "w8.pth", teacher, args.mixed, args.allocate_mixtures)
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(f"| {label} | {meta.get('qat_seconds', '-')} | {np.mean(scores):.3f} | {delta:+.3f} ± {ci:.3f} | "
                     f"{result.bytes:,} B | {np.mean(ort_scores):.3f} | {largest} |")
         print(rows[-1], flush=True)
+        if widest <= 4:
+            int4_lines.append(int4_row(label, path, session, test_set))
     body = f"""Command: `{command_line()}`
 
 The embedded ConvTasNet: the shipped float teacher ({source}, SI-SDRi {np.mean(float_scores):.3f} dB over the
@@ -90,9 +93,39 @@ loss settings, batch 4 x 1 s, same seed) per weight width; activations stay 8-bi
 `target="vnni"` (int8 codes up to 127), as is a mixed model with 8-bit layers; the others are portable. Files store every width in int8.
 
 {chr(10).join(rows)}
-{mixed_note(all_scores, args)}"""
+{mixed_note(all_scores, args)}{int4_note(int4_lines)}"""
     publish("Weights below 8 bits (embedded ConvTasNet)", body, not args.no_write)
     return 0
+
+
+def int4_row(label: str, path: Path, session, test_set) -> str:
+    """The int8 file of ``path`` against its INT4 version (``fqss export --int4-weights``): size, onnxruntime
+    SI-SDRi and time per second of audio, one thread, both sessions on the same mixtures."""
+    import onnxruntime as ort
+    from fqss_plugin.export.int4 import write_int4_file
+    from fqss_plugin.export.runtime import session_options
+    int4_path = path.with_name(path.stem + "_int4.onnx")
+    write_int4_file(path, int4_path)
+    int4 = ort.InferenceSession(str(int4_path), session_options(1), providers=["CPUExecutionProvider"])
+    timing = {}
+    for name, sess in (("int8", session), ("int4", int4)):
+        start = time.perf_counter()
+        scores = si_sdr_improvements(lambda x: sess.run(None, {"mixture": x.numpy()})[0], test_set)
+        timing[name] = (time.perf_counter() - start, float(np.mean(scores)))
+    seconds = sum(mix.shape[-1] for mix, _ in test_set) / 8000
+    return (f"| {label} | {path.stat().st_size:,} B | {int4_path.stat().st_size:,} B | {timing['int8'][1]:.3f} | "
+            f"{timing['int4'][1]:.3f} | {1000 * timing['int8'][0] / seconds:.2f} | "
+            f"{1000 * timing['int4'][0] / seconds:.2f} |")
+
+
+def int4_note(lines: list[str]) -> str:
+    if not lines:
+        return ""
+    return ("\nINT4 files (`fqss export --int4-weights`: the 4-bit codes two per byte, opset 21). onnxruntime "
+            "dequantizes INT4 weights and runs those layers in float (its CPU integer kernels take 8-bit weights); "
+            "SI-SDRi over the test set, time per second of audio including the scoring, one thread:\n\n"
+            "| weight bits | int8 file | INT4 file | int8 SI-SDRi | INT4 SI-SDRi | int8 ms/s | INT4 ms/s |\n"
+            "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 def mixed_bits(w8_package: Path, teacher, budget: float, mixtures: int) -> tuple[dict[str, int], dict]:

@@ -240,6 +240,10 @@ def test_cli_export_and_separate(trained, tmp_path, capsys):
     sf.write(tmp_path / "mix16k.wav", mix[0].numpy(), 16000)
     assert cli_main(["separate", "--model", str(out), str(tmp_path / "mix16k.wav"), "--out-dir", str(tmp_path)]) == 2
     assert "expects 8000 Hz" in capsys.readouterr().err
+    # --int4-weights on a model with 7-bit codes: a clear error, neither --out nor the int8 step left behind
+    before = set(tmp_path.iterdir())
+    assert cli_main(["export", "--checkpoint", str(package), "--out", str(tmp_path / "w4.onnx"), "--int4-weights"]) == 2
+    assert "within 4 bits" in capsys.readouterr().err and set(tmp_path.iterdir()) == before
 
 
 def test_compact_passes_keep_the_graph_and_its_subgraphs(trained, tmp_path):

@@ -215,8 +215,9 @@ def test_uint8_weights_convert_codes_shared_by_several_ops_once():
         assert np.allclose(a, b, atol=1e-5)
 
 
-def test_four_bit_weights_learn_and_export_in_int8(tmp_path):
-    """Weights below 8 bits: a 4-bit QAT keeps its codes in -8..7 in the exported int8 file, bit-identical to torch."""
+def test_four_bit_weights_learn_and_export_in_int8_and_int4(tmp_path):
+    """Weights below 8 bits: a 4-bit QAT keeps its codes in -8..7 in the exported int8 file, bit-identical to torch;
+    packed as INT4 the file holds half the weight bytes and onnxruntime gives the same output."""
     torch.manual_seed(0)                                          # one thread: the module's one_thread fixture
     prepare = lambda m, c: prepare_model(m, fq.QuantConfig.fqss(calib_steps=5, weight_bits=4))
     _, model = qat_from(tiny_convtasnet(), 150, 40, torch.Generator().manual_seed(4), prepare)
@@ -228,3 +229,25 @@ def test_four_bit_weights_learn_and_export_in_int8(tmp_path):
     from fqss_plugin.export import parity_report
     report = parity_report(model, path, mix)
     assert report.snr_db >= 40 and report.worst_local_beyond_1lsb == 0, str(report)
+    # the same file with its 4-bit codes packed as INT4 (opset 21): half the weight bytes, the same function
+    from fqss_plugin.export.int4 import pack_nibbles, write_int4_file
+    assert pack_nibbles(np.array([-8, 7, -1], np.int8)) == bytes([0x78, 0x0F])
+    packed = write_int4_file(path, tmp_path / "w4_int4.onnx")
+    int4_model = onnx.load(str(tmp_path / "w4_int4.onnx"))
+    assert packed["packed"] == len(int8) and max(o.version for o in int4_model.opset_import if o.domain == "") >= 21
+    assert sum(t.data_type == onnx.TensorProto.INT4 for t in int4_model.graph.initializer) == len(int8)
+    int8_bytes = sum(c.nbytes for c in int8)
+    assert packed["tensor_bytes"]["int4"] <= int8_bytes // 2 + len(int8)         # two codes per byte
+    import onnxruntime as ort
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"mixture": mix.numpy()})[0]
+    reference, four = run(path), run(tmp_path / "w4_int4.onnx")
+    snr = 10 * np.log10((reference ** 2).sum() / ((reference - four) ** 2).sum().clip(1e-20))
+    assert snr >= 40, snr
+    eight = prepare_model(tiny_convtasnet(), fq.QuantConfig.fqss(calib_steps=1, weight_bits=8)).train()
+    with torch.no_grad():
+        eight(mix)
+    fq.calibration_step(eight)
+    eight_path = to_onnx(eight.eval(), tmp_path / "w8.onnx", target="vnni").path
+    with pytest.raises(ValueError, match="within 4 bits"):          # 8-bit codes: nothing to pack, nothing written
+        write_int4_file(eight_path, tmp_path / "none.onnx")
+    assert not (tmp_path / "none.onnx").exists()

@@ -562,6 +562,10 @@ def tensor_bytes(model: onnx.ModelProto) -> dict[str, int]:
     """Initializer bytes by element type (``int8``, ``int32``, ``float32``...)."""
     sizes: dict[str, int] = defaultdict(int)
     for init in model.graph.initializer:
+        if init.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):      # two codes per byte
+            count = int(np.prod(init.dims, dtype=np.int64))
+            sizes[onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name] += (count + 1) // 2
+            continue
         array = numpy_helper.to_array(init)
         sizes[str(array.dtype)] += array.nbytes
     return dict(sizes)
