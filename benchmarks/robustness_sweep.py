@@ -135,6 +135,11 @@ def cases(root: Path) -> list[Case]:
     def wrote(path: Path) -> Callable[[], bool]:
         return lambda: path.is_file() and np.isfinite(sf.read(path)[0]).all()
 
+    sepformer = REPO / "recipes" / "LibriMix" / "SepFormer"
+    sepformer_run = train + ["hparams/sepformer-embedded-float.yaml", "--device", "cpu", "--noprogressbar"]
+    finished = out / "finished"                      # a SepFormer run that wrote its results
+    (finished / "pretrained").mkdir(parents=True, exist_ok=True)
+    (finished / "test_results.csv").write_text("snt,si-snr\navg,12.0\n")
     typo_conf = root / "typo.yml"
     typo_conf.write_text((recipe / "conf" / "float.yml").read_text().replace("  epochs:", "  ephocs:"))
     return [
@@ -220,6 +225,16 @@ def cases(root: Path) -> list[Case]:
              f"exp_dir={out / 'h5'}"], "error", "group_size", cwd=htdemucs),
         Case("HTDemucs recipe", "an unknown calibration method", train + ["conf/fqss.yaml", "quant.calib_method=minmax",
              f"pretrained={root / 'corrupt.th'}", f"exp_dir={out / 'h6'}"], "error", "calib_method", cwd=htdemucs),
+        Case("SepFormer recipe", "a missing --data_folder", sepformer_run + ["--data_folder", str(root / "nowhere"),
+             "--output_folder", str(out / "sf1")], "error", "nowhere", cwd=sepformer),
+        Case("SepFormer recipe", "--debug into a finished run", sepformer_run + ["--data_folder",
+             str(root / "speech" / "Libri2Mix"), "--output_folder", str(finished), "--debug"], "error", "--debug",
+             cwd=sepformer, check=lambda: (finished / "test_results.csv").read_text() == "snt,si-snr\navg,12.0\n"),
+        Case("SepFormer recipe", "QAT under fp16", train + ["hparams/sepformer-embedded-fqss.yaml", "--device", "cpu",
+             "--data_folder", str(root / "speech" / "Libri2Mix"), "--output_folder", str(out / "sf3"), "--precision",
+             "fp16"], "error", "precision", cwd=sepformer),
+        Case("SepFormer recipe", "a missing hparams file", train + [str(root / "none.yaml")], "error", "none.yaml",
+             cwd=sepformer),
         Case("music ConvTasNet recipe", "a corrupt pretrained package", train + ["conf/fqss.yaml",
              f"pretrained={root / 'corrupt.th'}", f"exp_dir={out / 'c1'}"], "error", "corrupt.th",
              cwd=REPO / "recipes" / "MUSDB18" / "ConvTasNet"),

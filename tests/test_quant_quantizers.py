@@ -1,4 +1,6 @@
 """ActivationQuantizer / WeightQuantizer: grids, gradients, range safety, calibration life cycle."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -29,7 +31,7 @@ def test_activation_range_covers_the_calibration_batch():
 
 def test_weight_quantizer_is_symmetric_per_channel_with_absmax_over_127():
     w = torch.randn(6, 3, 5)
-    quantizer = WeightQuantizer(num_channels=6, bits=8, axis=0)
+    quantizer = WeightQuantizer(num_channels=6, bits=8, axis=0, init="max")
     wq = quantizer(w)
     expected_scale = w.abs().amax(dim=(1, 2)) / 127
     assert torch.allclose(quantizer.scale(), expected_scale, rtol=1e-6)
@@ -40,9 +42,36 @@ def test_weight_quantizer_is_symmetric_per_channel_with_absmax_over_127():
 
 def test_weight_quantizer_axis_1_for_transposed_convs():
     conv = nn.ConvTranspose1d(4, 3, 8)                     # weight [C_in=4, C_out=3, 8]
-    quantizer = WeightQuantizer(num_channels=3, bits=8, axis=1)
+    quantizer = WeightQuantizer(num_channels=3, bits=8, axis=1, init="max")
     quantizer(conv.weight)
     assert torch.allclose(quantizer.scale(), conv.weight.detach().abs().amax(dim=(0, 2)) / 127, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mse_weight_init_clips_where_the_error_is_least(bits):
+    torch.manual_seed(0)
+    w = torch.randn(8, 64, 3)
+    w[:, 0, 0] = 6.0                                        # one outlier per channel, as trained weights have
+    by_max, by_mse = WeightQuantizer(8, bits, init="max"), WeightQuantizer(8, bits)
+    error_max = (by_max(w) - w).pow(2).sum(dim=(1, 2))
+    error_mse = (by_mse(w) - w).pow(2).sum(dim=(1, 2))
+    assert (error_mse <= error_max).all()
+    assert (by_mse.scale() <= by_max.scale() * (1 + 1e-6)).all()        # it only ever clips
+    if bits == 4:                                           # a coarse grid: clipping the outlier pays, per channel
+        assert (error_mse < 0.9 * error_max).all() and (by_mse.scale() < by_max.scale()).all()
+    scale = WeightQuantizer(3, 8)                           # one value per channel (a LayerScale): exact
+    values = torch.tensor([0.3, -1e-3, 2.0])
+    assert torch.allclose(scale(values), values, rtol=1e-6)
+
+
+def test_weight_init_is_a_config_setting():
+    from fqss_plugin import QuantConfig
+    from fqss_plugin.quant.layers import QConv1d
+    conv = nn.Conv1d(2, 4, 3)
+    assert QConv1d.convert_(copy.deepcopy(conv), QuantConfig(weight_init="max")).weight_quantizer.init == "max"
+    assert QConv1d.convert_(conv, QuantConfig()).weight_quantizer.init == "mse"
+    with pytest.raises(ValueError, match="weight_init"):
+        QuantConfig(weight_init="minmax")
 
 
 def test_gradients_reach_step_and_zero_point():

@@ -24,6 +24,7 @@ import dataclasses
 from ..atomic import atomic_save
 from ..quant import QuantConfig, prepare
 from ..quant.signal_io import SplitActivationQuantizer
+from ..recipe_errors import first_line
 from . import wrappers  # noqa: F401  (registers the wrappers that prepare uses)
 from .stereo import StereoConvTasNet
 
@@ -143,8 +144,7 @@ def _load_package(path: Path) -> dict:
         with torch.serialization.safe_globals([TorchVersion]):
             package = torch.load(path, map_location="cpu")
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same clear message
-        detail = next((line for line in str(error).splitlines() if line.strip()), "no detail")
-        raise ValueError(f"{path}: not a readable Asteroid model package ({type(error).__name__}: {detail})") from None
+        raise ValueError(f"{path}: not a readable Asteroid model package ({first_line(error)})") from None
     if not isinstance(package, dict) or not {"model_name", "model_args", "state_dict"} <= set(package):
         raise ValueError(f"{path}: not an Asteroid model package (expected keys model_name, model_args, state_dict)")
     return package

@@ -41,6 +41,7 @@ from ..atomic import atomic_save
 from ..loss import FQSSLoss
 from ..quant import QuantConfig
 from ..quant.config import read_layer_weight_bits
+from ..recipe_errors import RecipeError, run_recipe
 from .package import (load_float_model, load_quantized_model, prepare_model, save_quantized_model,
                       with_plain_versions)
 
@@ -52,16 +53,12 @@ AUDIO_ERRORS = (RuntimeError, sf.LibsndfileError)
 """What soundfile raises on a missing or unreadable file."""
 
 
-class RecipeError(ValueError):
-    """A problem with the recipe's inputs (paths, data, checkpoints), stated for the user."""
-
-
 CONF_KEYS = {
     "data": {"data_dir", "task", "sample_rate", "librimix_mode", "test_split", "n_src", "segment"},
     "training": {"epochs", "batch_size", "num_workers", "half_lr", "early_stop", "gradient_clip",
                  "limit_train_batches", "limit_val_batches", "progress_bar", "seed"},
     "quant": {"mode", "lambda_kd", "weight_bits", "layer_weight_bits", "act_bits", "decoder_in_splits", "encoder_out_splits",
-              "calib_steps", "calib_method", "quantizer_lr", "loss_average"},
+              "calib_steps", "calib_method", "quantizer_lr", "weight_init", "loss_average"},
     "optim": None, "filterbank": None, "masknet": None,     # passed on as keyword arguments (checked there)
 }
 """The sections of a recipe conf and the keys the recipe reads (None: any key, passed on to a constructor)."""
@@ -169,7 +166,7 @@ def layer_weight_bits(path: str | None) -> dict[str, int]:
 def quant_config(conf: dict) -> QuantConfig:
     quant = conf["quant"]
     preset = QuantConfig.fqss if quant["mode"] == "fqss" else QuantConfig.vanilla
-    optional = {key: quant[key] for key in ("calib_method", "quantizer_lr", "decoder_in_splits", "encoder_out_splits")
+    optional = {key: quant[key] for key in ("calib_method", "quantizer_lr", "weight_init", "decoder_in_splits", "encoder_out_splits")
                 if key in quant}
     return preset(weight_bits=quant["weight_bits"], act_bits=quant["act_bits"], calib_steps=quant["calib_steps"],
                   layer_weight_bits=layer_weight_bits(quant.get("layer_weight_bits")), **optional)
@@ -449,12 +446,7 @@ def conf_from_argv(argv: list[str]) -> dict:
 
 def run(main: Callable[[dict], Path], argv: list[str] | None = None) -> int:
     """A recipe's ``train.py`` entry point: parse ``--conf`` + flags, ``main(conf)``, errors in one line."""
-    try:
-        print(f"best model: {main(conf_from_argv(sys.argv[1:] if argv is None else argv))}")
-    except (RecipeError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return run_recipe(lambda: print(f"best model: {main(conf_from_argv(sys.argv[1:] if argv is None else argv))}"))
 
 
 def run_eval(argv: list[str] | None = None) -> int:

@@ -31,14 +31,11 @@ from ..loss import FQSSLoss
 from ..quant import QuantConfig, attach_calibration, parameter_groups
 from ..quant.config import read_layer_weight_bits
 from ..music_eval import evaluate_musdb, nsdr
+from ..recipe_errors import RecipeError, first_line, run_recipe
 from .audio_io import use_soundfile_backend
 
 PRESETS = {"vanilla": QuantConfig.vanilla, "fqss": QuantConfig.fqss}
 MODES = ("float", *PRESETS)
-
-
-class RecipeError(ValueError):
-    """A problem with the recipe's inputs, stated for the user."""
 
 
 @dataclass
@@ -118,8 +115,7 @@ def load_pretrained(load: Callable[[object], nn.Module], path) -> nn.Module:
     except RecipeError:
         raise
     except Exception as error:                     # a corrupt, truncated or foreign file: unpickling fails anywhere
-        raise RecipeError(f"pretrained={path}: not a readable model package ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+        raise RecipeError(f"pretrained={path}: not a readable model package ({first_line(error)})") from None
 
 
 def pretrained_path(conf) -> Path:
@@ -278,9 +274,8 @@ def test(model: nn.Module, conf) -> dict:
 
 
 def run(main_function: Callable[[], object]) -> None:
-    """Run a recipe's ``main``: a :class:`RecipeError` or a missing file is one line on stderr, exit 1."""
-    try:
-        main_function()
-    except (RecipeError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    """Run a recipe's ``main``: a user error (:data:`~fqss_plugin.recipe_errors.USER_ERRORS`) is one line on
+    stderr, exit 1."""
+    status = run_recipe(main_function)
+    if status:
+        sys.exit(status)

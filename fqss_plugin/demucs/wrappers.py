@@ -82,7 +82,7 @@ class QLayerScale(QuantizedModule, LayerScale):
 
     def _init_quantization(self, config: QuantConfig) -> None:
         self.scale_quantizer = WeightQuantizer(self.scale.numel(), config.weight_bits, axis=0,
-                                               learnable=config.learn_ranges)
+                                               learnable=config.learn_ranges, init=config.weight_init)
         self.output_quantizer = activation_quantizer(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

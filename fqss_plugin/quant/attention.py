@@ -81,7 +81,8 @@ class QMultiheadAttention(QuantizedModule, nn.MultiheadAttention):
 
     def _init_quantization(self, config: QuantConfig) -> None:
         def weight_quantizer(rows: int) -> WeightQuantizer:
-            return WeightQuantizer(rows, config.weight_bits, axis=0, learnable=config.learn_ranges)
+            return WeightQuantizer(rows, config.weight_bits, axis=0, learnable=config.learn_ranges,
+                                   init=config.weight_init)
 
         if self._qkv_same_embed_dim:
             self.in_proj_weight_quantizer = weight_quantizer(3 * self.embed_dim)

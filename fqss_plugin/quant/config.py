@@ -38,6 +38,9 @@ class QuantConfig:
         learn_ranges: train steps and zero points after calibration (LSQ+); False keeps them fixed.
         quantizer_lr: learning rate of the quantizers' (log-)steps and zero points, given to the
             optimizer by :func:`~fqss_plugin.quant.parameter_groups`; ``None``: the optimizer's own.
+        weight_init: where weight steps start (:class:`~fqss_plugin.quant.quantizers.WeightQuantizer`):
+            ``"mse"``, per channel at the clipping with the least quantization error, or ``"max"``, at the
+            channel's largest weight.
         exclude: names of modules (as in ``named_modules``) to leave in float.
         layer_weight_bits: per-layer weight bits, ``{module name: bits}`` (names as in ``named_modules`` of the
             model given to :func:`~fqss_plugin.prepare`; a name also covers the modules inside it): mixed
@@ -56,6 +59,7 @@ class QuantConfig:
     ema_momentum: float = 0.9
     learn_ranges: bool = True
     quantizer_lr: float | None = 1e-2
+    weight_init: str = "mse"
     exclude: tuple[str, ...] = field(default_factory=tuple)
     layer_weight_bits: dict[str, int] = field(default_factory=dict)
 
@@ -72,6 +76,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.calib_steps must be a non-negative integer, got {self.calib_steps!r}")
         if self.calib_method not in ("ema", "mse"):
             raise ValueError(f"QuantConfig.calib_method must be 'ema' or 'mse', got {self.calib_method!r}")
+        if self.weight_init not in ("mse", "max"):
+            raise ValueError(f"QuantConfig.weight_init must be 'mse' or 'max', got {self.weight_init!r}")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ValueError(f"QuantConfig.ema_momentum must be in [0, 1), got {self.ema_momentum!r}")
         if self.quantizer_lr is not None and not (isinstance(self.quantizer_lr, (int, float)) and self.quantizer_lr > 0):

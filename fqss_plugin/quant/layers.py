@@ -75,7 +75,8 @@ class QuantizedLayer(QuantizedModule):
 
     def _init_quantization(self, config: QuantConfig) -> None:
         self.weight_quantizer = WeightQuantizer(self.weight.shape[self.weight_axis], config.weight_bits,
-                                                axis=self.weight_axis, learnable=config.learn_ranges)
+                                                axis=self.weight_axis, learnable=config.learn_ranges,
+                                                init=config.weight_init)
         self.output_quantizer = activation_quantizer(config)
         self.input_quantizer = None
         self.input_splitter = None

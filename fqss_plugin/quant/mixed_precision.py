@@ -32,7 +32,7 @@ def weighted_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
 
 @contextmanager
 def weight_bits(layer: QuantizedLayer, bits: int) -> Iterator[None]:
-    """Inside the block, ``layer``'s weights are quantized to ``bits`` (steps from the weights' abs-max)."""
+    """Inside the block, ``layer``'s weights are quantized to ``bits`` (steps re-initialised from the weights)."""
     quantizer = layer.weight_quantizer
     saved_bits, saved_steps = quantizer.bits, quantizer.log_scale.detach().clone()
     try:

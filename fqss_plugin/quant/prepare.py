@@ -52,7 +52,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, encoder: str | 
         if config.in_splits > 1:
             layer.input_splitter = InputSplitter(layer.weight, layer.weight_axis, config.act_bits, config.in_splits,
                                                  config.for_module(encoder).weight_bits, signal_scale,
-                                                 config.learn_ranges)
+                                                 config.learn_ranges, config.weight_init)
         else:
             layer.input_quantizer = activation_quantizer(config)
         if config.encoder_out_splits > 1:

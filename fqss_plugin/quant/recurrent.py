@@ -52,8 +52,10 @@ class LSTMDirectionQuantizers(nn.Module):
     def __init__(self, hidden_size: int, config: QuantConfig) -> None:
         super().__init__()
         rows = 4 * hidden_size
-        self.weight_ih_quantizer = WeightQuantizer(rows, config.weight_bits, axis=0, learnable=config.learn_ranges)
-        self.weight_hh_quantizer = WeightQuantizer(rows, config.weight_bits, axis=0, learnable=config.learn_ranges)
+        self.weight_ih_quantizer = WeightQuantizer(rows, config.weight_bits, axis=0, learnable=config.learn_ranges,
+                                                   init=config.weight_init)
+        self.weight_hh_quantizer = WeightQuantizer(rows, config.weight_bits, axis=0, learnable=config.learn_ranges,
+                                                   init=config.weight_init)
         for point in ACTIVATION_POINTS:
             setattr(self, f"{point}_quantizer", activation_quantizer(config))
 

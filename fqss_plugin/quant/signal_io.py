@@ -111,7 +111,7 @@ class InputSplitter(nn.Module):
     float_internals = "per-example peak normalisation of the input: one float scalar per example"
 
     def __init__(self, weight: torch.Tensor, weight_axis: int, bits: int, splits: int, weight_bits: int,
-                 scale: SignalScale | None, learnable: bool = True) -> None:
+                 scale: SignalScale | None, learnable: bool = True, weight_init: str = "mse") -> None:
         super().__init__()
         if splits < 2:
             raise ValueError(f"InputSplitter needs at least 2 splits, got {splits}")
@@ -120,7 +120,8 @@ class InputSplitter(nn.Module):
         self.signal_scale = scale
         self.extra_weight = nn.Parameter(torch.zeros((splits - 1,) + tuple(weight.shape), dtype=weight.dtype))
         self.weight_quantizers = nn.ModuleList(
-            WeightQuantizer(weight.shape[weight_axis], weight_bits, axis=weight_axis, learnable=learnable)
+            WeightQuantizer(weight.shape[weight_axis], weight_bits, axis=weight_axis, learnable=learnable,
+                            init=weight_init)
             for _ in range(splits - 1))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 

@@ -34,6 +34,7 @@ from speechbrain.nnet.schedulers import ReduceLROnPlateau
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
 from fqss_plugin.data.librimix import prepare_librimix_csv
+from fqss_plugin.recipe_errors import RecipeError, run_recipe
 from fqss_plugin.speechbrain import fqss_brain, save_pretrained_separator, separate_sources
 
 logger = logging.getLogger(__name__)
@@ -237,7 +238,7 @@ def prepare_librimix(datapath, savepath, n_spks=2, skip_prep=False, fs=8000):
     if skip_prep:
         return
     if n_spks != 2:
-        raise ValueError(f"num_spks: this recipe prepares Libri2Mix only, got num_spks={n_spks}")
+        raise RecipeError(f"num_spks: this recipe prepares Libri2Mix only, got num_spks={n_spks}")
     if not Path(datapath).is_dir():
         raise FileNotFoundError(f"--data_folder {datapath}: no such directory (the Libri2Mix folder holding "
                                 f"wav{fs // 1000}k/min/{{train-360,dev,test}}; generate the embedded one with "
@@ -250,7 +251,7 @@ def dataio_prep(hparams):
     datasets = [sb.dataio.dataset.DynamicItemDataset.from_csv(csv_path=hparams[key])
                 for key in ("train_data", "valid_data", "test_data")]
     if not len(datasets[0]):
-        raise ValueError(f"{hparams['train_data']}: no training mixture")
+        raise RecipeError(f"{hparams['train_data']}: no training mixture")
     keys = ["mix", "s1", "s2"] + (["noise"] if hparams["use_wham_noise"] else [])
     for key in keys:
         def read(path):
@@ -277,7 +278,7 @@ def check_precision(hparams: dict, run_opts: dict) -> None:
     31 dB away from fp32). A float run on CPU takes bf16 for fp16 (CPUs have no fp16 autocast), with a warning."""
     precision = run_opts.get("precision") or hparams.get("precision", "fp32")
     if precision != "fp32" and "quant" in hparams:
-        raise ValueError(f"precision: {precision}: fqss QAT runs in fp32 only (set `precision: fp32` or pass "
+        raise RecipeError(f"precision: {precision}: fqss QAT runs in fp32 only (set `precision: fp32` or pass "
                          "--precision fp32)")
     if run_opts.get("device") == "cpu" and precision == "fp16":
         warnings.warn("precision fp16 on CPU: running bf16 autocast instead", stacklevel=2)
@@ -315,7 +316,10 @@ def main(argv=None):
     if "pretrained_separator" in hparams:
         check_pretrained_source(str(hparams.get("pretrained_path", "")))
         run_on_main(hparams["pretrained_separator"].collect_files)
-        hparams["pretrained_separator"].load_collected()
+        try:
+            hparams["pretrained_separator"].load_collected()
+        except ValueError as error:                     # fqss' transfer hook names the file that does not fit
+            raise RecipeError(str(error)) from None
 
     separator = Separation(modules=hparams["modules"], opt_class=hparams["optimizer"], hparams=hparams,
                                run_opts=run_opts, checkpointer=hparams["checkpointer"])
@@ -340,4 +344,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_recipe(main))
