@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     body = (f"Command: `{command_line()}`\n\nCPU: {describe_cpu()}\n\nEach shipped float teacher with its input and "
             "output on b uniform levels over their own peak (b = 4..16; speech: median SI-SDR over the mixtures, music: "
             "mean nSDR over tracks and stems), beside the bound one b-bit signal puts on the SDR (median over the "
-            "signals, `6.02 b + 4.77 - crest factor`). The plots are `fqss analyze`'s `sdr_vs_bits.png`.\n\n"
+            "signals, `6.02 b + 4.77 - crest factor`). The plots are `fqss analyze`'s `sdr_vs_bits.png`. Both use each "
+            "signal's own peak, as FQSS's normalised input does; one learned range for all inputs (vanilla QAT's single "
+            "input quantizer) leaves quiet mixtures fewer levels than b.\n\n"
             "| model | package | data | 8-bit input bound (dB) | 8-bit output bound (dB) | measured, 8-bit signals | "
             "measured, 16-bit signals | plot |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) +
             "\n\nReading:\n\n" + "\n".join(readings) + "\n")

@@ -9,7 +9,9 @@ codes is not done), its onnxruntime SI-SDRi and the largest weight code in it.
 ``--mixed BITS`` adds a mixed-precision row: :func:`fqss_plugin.quant.mixed_precision.allocate_weight_bits` picks
 8, 6 or 4 bits per layer of the 8-bit QAT model to an average of ``BITS`` (scored on ``--allocate-mixtures``
 mixtures of the dev split, never the test split), and the same QAT then trains the teacher under that map; the row
-is paired against the 8-bit one. Writes its section of BENCHMARKS.md.
+is paired against the 8-bit one. ``--keep-8bit encoder decoder`` adds a row at the narrowest ``--bits`` with the
+named layers kept at 8 bits (the filterbanks: 1.3 % of the weights), as low-bit models usually keep their
+first and last layers. Writes its section of BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mixed", type=float, default=None, metavar="BITS",
                         help="also a mixed-precision model at this average weight width (needs 8 in --bits)")
     parser.add_argument("--allocate-mixtures", type=int, default=20, help="dev mixtures scoring the allocation")
+    parser.add_argument("--keep-8bit", nargs="+", default=[], metavar="LAYER",
+                        help="also the narrowest width with these layers (names as in named_modules) at 8 bits")
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
@@ -60,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = ["| weight bits | QAT (s) | torch fake-quant SI-SDRi | vs float (paired, 95% CI) | int8 file | onnxruntime SI-SDRi | "
             "largest weight code |", "|---|---|---|---|---|---|---|"]
     runs = [(str(bits), f"w{bits}", {"weight_bits": bits}) for bits in args.bits]
+    if args.keep_8bit:
+        narrowest = min(args.bits)
+        runs.append((f"{narrowest}, {' and '.join(args.keep_8bit)} at 8", f"w{narrowest}_keep_{'_'.join(args.keep_8bit)}",
+                     {"weight_bits": narrowest, "layer_weight_bits": {name: 8 for name in args.keep_8bit}}))
     if args.mixed is not None:
         runs.append((f"mixed, average {args.mixed:g}", f"mixed{args.mixed:g}", None))
     all_scores, int4_lines = {}, []
@@ -70,10 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             label = f"mixed 8/6/4, average {report['average_bits']:.2f}"
         model, meta = cached_qat(teacher, source, recipe_loss_settings(), args.qat_steps, args.calib_steps, work,
                                  args.retrain, stem=stem, **overrides)
+        if overrides.get("layer_weight_bits"):
+            label += f" (average {average_bits(model):.2f})" if "average" not in label else ""
         with torch.no_grad():
             scores = all_scores[stem] = si_sdr_improvements(lambda x: model(x).numpy(), test_set)
         path = work / f"{stem}.onnx"
-        widest = max([overrides["weight_bits"], *overrides.get("layer_weight_bits", {}).values()])
+        widths = [overrides["weight_bits"], *overrides.get("layer_weight_bits", {}).values()]
+        widest = max(widths)
         result = to_onnx(model, path, target="vnni" if widest == 8 else "portable")
         session = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
         ort_scores = si_sdr_improvements(lambda x: session.run(None, {"mixture": x.numpy()})[0], test_set)
@@ -83,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(f"| {label} | {meta.get('qat_seconds', '-')} | {np.mean(scores):.3f} | {delta:+.3f} ± {ci:.3f} | "
                     f"{result.bytes:,} B | {np.mean(ort_scores):.3f} | {largest} |")
         print(rows[-1], flush=True)
-        if widest <= 4:
+        if min(widths) <= 4:
             int4_lines.append(int4_row(label, path, session, test_set))
     body = f"""Command: `{command_line()}`
 
@@ -126,6 +137,14 @@ def int4_note(lines: list[str]) -> str:
             "SI-SDRi over the test set, time per second of audio including the scoring, one thread:\n\n"
             "| weight bits | int8 file | INT4 file | int8 SI-SDRi | INT4 SI-SDRi | int8 ms/s | INT4 ms/s |\n"
             "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+
+
+def average_bits(model) -> float:
+    """The weight bits of ``model``'s quantized layers, averaged over their parameters."""
+    from fqss_plugin.quant.mixed_precision import weighted_layers
+    layers = weighted_layers(model).values()
+    return sum(layer.weight_quantizer.bits * layer.weight.numel() for layer in layers) / \
+        sum(layer.weight.numel() for layer in layers)
 
 
 def mixed_bits(w8_package: Path, teacher, budget: float, mixtures: int) -> tuple[dict[str, int], dict]:
