@@ -21,15 +21,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import command_line, publish  # noqa: E402
-from fqss_plugin.analysis import (BITS, analyze, crest_factor_db, plot, reading, read_mixtures,  # noqa: E402
-                                  signal_bound_db, signal_io_on_bits)
+from fqss_plugin.analysis import (BITS, analyze, bounds, plot, reading, read_mixtures,  # noqa: E402
+                                  signal_io_on_bits)
 from fqss_plugin.export.cpu import describe_cpu  # noqa: E402
 
 FIGURES = ROOT / "docs" / "figures"
@@ -64,19 +63,14 @@ def music_result(recipe: str, package: Path, musdb: Path, bits: tuple[int, ...])
         for b in bits:
             with signal_io_on_bits(model, b):
                 measured[b] = validate(model, valid_set)
-    return {"mixtures": len(tracks), "metric": "nSDR",
-            "crest_factor_db": {"input_median": float(np.median([crest_factor_db(m) for m in mixtures])),
-                                "sources_median": float(np.median([crest_factor_db(s) for s in stems]))},
-            "bound_db": {"input": {b: float(np.median([signal_bound_db(m, b) for m in mixtures])) for b in bits},
-                         "output": {b: float(np.median([signal_bound_db(s, b) for s in stems])) for b in bits}},
-            "measured_db": measured}
+    return {"mixtures": len(tracks), "metric": "nSDR", **bounds(mixtures, stems, bits), "measured_db": measured}
 
 
 def figure(result: dict, name: str, title: str) -> Path:
     """``plot``'s SDR-vs-bits PNG of ``result`` as ``docs/figures/sdr_bound_<name>.png``."""
     FIGURES.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
-        drawn = plot({**result, "title": title, "si_sdri": {}}, Path(scratch))[0]
+        drawn = plot({**result, "title": title}, Path(scratch))[0]
         target = FIGURES / f"sdr_bound_{name}.png"
         shutil.copyfile(drawn, target)
     return target

@@ -54,6 +54,15 @@ def quantize_signal(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(torch.round(x / step), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * step
 
 
+def bounds(inputs: list[np.ndarray], outputs: list[np.ndarray], bits: tuple[int, ...]) -> dict:
+    """``{"crest_factor_db", "bound_db"}``: the median crest factor and b-bit bound of the input and of the output
+    signals (each a 1-D signal: a mixture, a source, one channel of either)."""
+    return {"crest_factor_db": {"input_median": float(np.median([crest_factor_db(x) for x in inputs])),
+                                "sources_median": float(np.median([crest_factor_db(y) for y in outputs]))},
+            "bound_db": {"input": {b: float(np.median([signal_bound_db(x, b) for x in inputs])) for b in bits},
+                         "output": {b: float(np.median([signal_bound_db(y, b) for y in outputs])) for b in bits}}}
+
+
 @contextmanager
 def signal_io_on_bits(model: torch.nn.Module, bits: int) -> Iterator[None]:
     """Inside the block, ``model``'s input and output pass through :func:`quantize_signal` on ``bits`` bits
@@ -108,17 +117,10 @@ def analyze(model: torch.nn.Module, mixtures: list, float_model: torch.nn.Module
 
     model.eval()
     reference_model = (float_model or model).eval()
-    result = {
-        "mixtures": len(mixtures),
-        "crest_factor_db": {"input_median": float(np.median([crest_factor_db(m.numpy()) for _, m, _ in mixtures])),
-                            "sources_median": float(np.median([crest_factor_db(s.numpy()) for _, _, ss in mixtures
-                                                               for s in ss]))},
-        "bound_db": {"input": {b: float(np.median([signal_bound_db(m.numpy(), b) for _, m, _ in mixtures]))
-                               for b in bits},
-                     "output": {b: float(np.median([signal_bound_db(s.numpy(), b) for _, _, ss in mixtures
-                                                    for s in ss])) for b in bits}},
-        "input_snr_8bit_db": float(np.median([signal_bound_db(m.numpy(), 8) for _, m, _ in mixtures])),
-    }
+    inputs = [m.numpy() for _, m, _ in mixtures]
+    result = {"mixtures": len(mixtures),
+              **bounds(inputs, [s.numpy() for _, _, ss in mixtures for s in ss], bits),
+              "input_snr_8bit_db": float(np.median([signal_bound_db(m, 8) for m in inputs]))}
     measured = {}
     for b in bits:
         with signal_io_on_bits(reference_model, b):
@@ -166,7 +168,7 @@ def plot(result: dict, out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    if "float" in result["si_sdri"]:
+    if "float" in result.get("si_sdri", {}):
         reference, quantized = result["si_sdri"]["float"], result["si_sdri"]["quantized"]
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.scatter(reference, quantized, s=14, alpha=0.7,

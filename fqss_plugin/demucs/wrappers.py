@@ -44,8 +44,7 @@ from torch import nn
 
 from ..quant import QuantConfig, register
 from ..quant.layers import (NORM_INTERNALS, Add, OutputQuantized, QAdd, QGELU, QGLU, QReLU, QuantizedModule,
-                            activation_quantizer)
-from ..quant.quantizers import WeightQuantizer
+                            activation_quantizer, weight_quantizer)
 
 
 def _add(config: QuantConfig) -> QAdd:
@@ -81,8 +80,7 @@ class QLayerScale(QuantizedModule, LayerScale):
     fold into the requantization of the next op or run as a Mul of two int8 tensors."""
 
     def _init_quantization(self, config: QuantConfig) -> None:
-        self.scale_quantizer = WeightQuantizer(self.scale.numel(), config.weight_bits, axis=0,
-                                               learnable=config.learn_ranges, init=config.weight_init)
+        self.scale_quantizer = weight_quantizer(self.scale.numel(), config)
         self.output_quantizer = activation_quantizer(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .config import QuantConfig
-from .layers import QLinear, QuantizedModule, activation_quantizer
-from .quantizers import WeightQuantizer
+from .layers import QLinear, QuantizedModule, activation_quantizer, weight_quantizer
 from .registry import register
 
 ACTIVATION_POINTS = ("q", "k", "v", "scaled_q", "logits", "softmax", "attn_v")
@@ -80,16 +79,12 @@ class QMultiheadAttention(QuantizedModule, nn.MultiheadAttention):
         return super().convert_(module, config)
 
     def _init_quantization(self, config: QuantConfig) -> None:
-        def weight_quantizer(rows: int) -> WeightQuantizer:
-            return WeightQuantizer(rows, config.weight_bits, axis=0, learnable=config.learn_ranges,
-                                   init=config.weight_init)
-
         if self._qkv_same_embed_dim:
-            self.in_proj_weight_quantizer = weight_quantizer(3 * self.embed_dim)
+            self.in_proj_weight_quantizer = weight_quantizer(3 * self.embed_dim, config)
         else:
-            self.q_proj_weight_quantizer = weight_quantizer(self.embed_dim)
-            self.k_proj_weight_quantizer = weight_quantizer(self.embed_dim)
-            self.v_proj_weight_quantizer = weight_quantizer(self.embed_dim)
+            self.q_proj_weight_quantizer = weight_quantizer(self.embed_dim, config)
+            self.k_proj_weight_quantizer = weight_quantizer(self.embed_dim, config)
+            self.v_proj_weight_quantizer = weight_quantizer(self.embed_dim, config)
         for point in ACTIVATION_POINTS:
             setattr(self, f"{point}_quantizer", activation_quantizer(config))
         QOutProjection.convert_(self.out_proj, config)

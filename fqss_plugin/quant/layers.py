@@ -35,6 +35,12 @@ def activation_quantizer(config: QuantConfig) -> ActivationQuantizer:
                                config.learn_ranges)
 
 
+def weight_quantizer(num_channels: int, config: QuantConfig, axis: int = 0) -> WeightQuantizer:
+    """A :class:`WeightQuantizer` of ``num_channels`` steps along ``axis`` with the settings of ``config``."""
+    return WeightQuantizer(num_channels, config.weight_bits, axis=axis, learnable=config.learn_ranges,
+                           init=config.weight_init)
+
+
 NORM_INTERNALS = "norm statistics and affine: float (integer engines use wider internals)"
 
 
@@ -74,9 +80,7 @@ class QuantizedLayer(QuantizedModule):
     float_internals = "bias: float in QAT, int32 (scale s_x*s_w) at export"
 
     def _init_quantization(self, config: QuantConfig) -> None:
-        self.weight_quantizer = WeightQuantizer(self.weight.shape[self.weight_axis], config.weight_bits,
-                                                axis=self.weight_axis, learnable=config.learn_ranges,
-                                                init=config.weight_init)
+        self.weight_quantizer = weight_quantizer(self.weight.shape[self.weight_axis], config, self.weight_axis)
         self.output_quantizer = activation_quantizer(config)
         self.input_quantizer = None
         self.input_splitter = None

@@ -33,8 +33,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .config import QuantConfig
-from .layers import QuantizedModule, activation_quantizer
-from .quantizers import WeightQuantizer
+from .layers import QuantizedModule, activation_quantizer, weight_quantizer
 from .registry import register
 
 ACTIVATION_POINTS = ("input_proj", "recurrent_proj", "gates", "sigmoid", "tanh", "forget_cell", "input_cell",
@@ -52,10 +51,8 @@ class LSTMDirectionQuantizers(nn.Module):
     def __init__(self, hidden_size: int, config: QuantConfig) -> None:
         super().__init__()
         rows = 4 * hidden_size
-        self.weight_ih_quantizer = WeightQuantizer(rows, config.weight_bits, axis=0, learnable=config.learn_ranges,
-                                                   init=config.weight_init)
-        self.weight_hh_quantizer = WeightQuantizer(rows, config.weight_bits, axis=0, learnable=config.learn_ranges,
-                                                   init=config.weight_init)
+        self.weight_ih_quantizer = weight_quantizer(rows, config)
+        self.weight_hh_quantizer = weight_quantizer(rows, config)
         for point in ACTIVATION_POINTS:
             setattr(self, f"{point}_quantizer", activation_quantizer(config))
 
