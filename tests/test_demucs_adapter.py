@@ -15,6 +15,7 @@ from fqss_plugin.quant.signal_io import SplitActivationQuantizer
 from tests.conftest import relative_error
 
 SOURCES = ["drums", "bass", "other", "vocals"]
+FREQUENCY_BRANCH = {"encoder": 2, "decoder": 2}         # the recipe's FQSS conf
 
 
 def tiny_htdemucs(seed: int = 0) -> HTDemucs:
@@ -34,7 +35,8 @@ def music(batch: int = 1, seconds: float = 1.0, seed: int = 0) -> torch.Tensor:
 @pytest.fixture
 def calibrated(one_thread):
     float_model = tiny_htdemucs().eval()
-    model = prepare_model(copy.deepcopy(float_model), fq.QuantConfig.fqss(weight_bits=16, act_bits=16))
+    model = prepare_model(copy.deepcopy(float_model), fq.QuantConfig.fqss(weight_bits=16, act_bits=16,
+                                                                          layer_act_splits=FREQUENCY_BRANCH))
     model.train()(music())
     fq.calibration_step(model)
     return float_model, model.eval()
@@ -120,3 +122,39 @@ def test_quantized_package_reloads_through_demucs_own_get_model(calibrated, tmp_
     x = music(seed=7)
     with torch.no_grad():
         assert torch.equal(reloaded(x), model(x))
+
+
+def test_frequency_branch_activations_on_two_8_bit_tensors_are_closer_to_float(one_thread):
+    """``layer_act_splits``: every output quantizer inside the frequency branch's encoders and decoders carries
+    its activation by 2 x 8-bit tensors (the last decoder keeps its output combiner); the time branch and the
+    transformer keep one. Calibrated alike, the split model is closer to the float one."""
+    float_model = tiny_htdemucs(seed=1)
+    models = {}
+    for key, config in [(False, fq.QuantConfig.fqss(calib_steps=3)),
+                        (True, fq.QuantConfig.fqss(layer_act_splits=FREQUENCY_BRANCH, calib_steps=3)),
+                        ("float", fq.QuantConfig.fqss(weight_bits=16, act_bits=16, calib_steps=3))]:
+        model = prepare_model(copy.deepcopy(float_model), config)
+        model.train()
+        for seed in range(3):
+            model(music(seed=seed))
+            fq.calibration_step(model)
+        models[key] = model.eval()
+    split = models[True]
+    owners = {name.rsplit(".", 1)[0] for name, m in split.named_modules() if isinstance(m, SplitActivationQuantizer)
+              and name.endswith("output_quantizer")}
+    assert "encoder.0.dconv.residual_adds.0" in owners and "decoder.0.glu" in owners and "encoder.1.conv" in owners
+    assert not any(name.startswith(("tencoder", "tdecoder", "crosstransformer")) for name in owners)
+    assert "decoder.1.conv_tr" not in owners and split.get_submodule("decoder.1.conv_tr").output_combiner.splits == 2
+    assert all(type(m.output_quantizer) is fq.quant.ActivationQuantizer
+               for name, m in models[False].named_modules() if name.startswith("encoder.") and
+               isinstance(getattr(m, "output_quantizer", None), torch.nn.Module))
+    x = music(seed=11)
+    with torch.no_grad():                              # the frequency branch's output, before the mask
+        _, _, spec, wave, _, _ = models[True].analyse(x)
+        reference = models.pop("float").network(spec, wave)[0]      # 16 bits: the float function
+        errors = {key: relative_error(model.network(spec, wave)[0], reference) for key, model in models.items()}
+    assert errors[True] < 0.7 * errors[False], errors
+    with pytest.raises(ValueError, match="layer_act_splits names 'encoders'"):
+        prepare_model(tiny_htdemucs(), fq.QuantConfig.fqss(layer_act_splits={"encoders": 2}))
+    with pytest.raises(ValueError, match="splits must be integers in 1..4"):
+        fq.QuantConfig.fqss(layer_act_splits={"encoder": 8})

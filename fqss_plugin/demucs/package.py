@@ -19,6 +19,7 @@ from torch import nn
 
 from ..atomic import atomic_save
 from ..quant import QuantConfig, prepare
+from ..quant.prepare import split_activations
 from ..quant.layers import activation_quantizer
 from ..quant.signal_io import OutputCombiner, SplitActivationQuantizer
 from .wrappers import QHTDemucs
@@ -41,12 +42,15 @@ def prepare_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mod
     the conv run once per tensor), else by one learned 8-bit quantizer. Each branch's last transposed
     conv emits ``out_splits`` 8-bit outputs (:class:`~fqss_plugin.quant.signal_io.OutputCombiner`).
     ``normalize_input``, ``decoder_in_splits`` and ``encoder_out_splits`` do not apply: HTDemucs
-    normalises its inputs itself, and applies its mask in float after the decoders.
+    normalises its inputs itself, and applies its mask in float after the decoders. ``layer_act_splits``
+    does, e.g. ``{"encoder": 2, "decoder": 2}`` (the FQSS conf of ``recipes/MUSDB18/HTDemucs``):
+    the frequency branch's activations spread over a range that one 8-bit grid either clips or rounds
+    coarsely, and two 8-bit tensors on an unclipped range carry them.
     """
     config = config or QuantConfig.fqss()
     if not isinstance(model, HTDemucs):
         raise TypeError(f"fqss_plugin.demucs.prepare_model: expected a demucs HTDemucs, got {type(model).__name__}")
-    prepare(model, dataclasses.replace(config, normalize_input=False))
+    prepare(model, dataclasses.replace(config, normalize_input=False, layer_act_splits={}))
     for idx, layer in enumerate(model.encoder):       # the time branch joins where its encoder layer is empty
         if not (idx < len(model.tencoder) and model.tencoder[idx].empty):
             layer.inject_add = None
@@ -59,6 +63,7 @@ def prepare_model(model: nn.Module, config: QuantConfig | None = None) -> nn.Mod
     if config.out_splits > 1:
         for name in lasts:
             model.get_submodule(name).output_combiner = OutputCombiner(config.act_bits, config.out_splits, None)
+    split_activations(model, config)                  # after the combiners, whose layers keep their outputs
     model.__class__ = FQSSHTDemucs
     model.fqss_config = config
     return model

@@ -98,10 +98,14 @@ def quant_config(conf, **fixed) -> QuantConfig:
         layer_bits = read_layer_weight_bits(conf.quant.layer_weight_bits)
     except ValueError as error:
         raise RecipeError(f"quant.layer_weight_bits={conf.quant.layer_weight_bits}: {error}") from None
+    splits = OmegaConf.select(conf, "quant.layer_act_splits")
+    if splits is not None and not OmegaConf.is_dict(splits):
+        raise RecipeError(f"quant.layer_act_splits={splits}: expected a mapping {{module name: splits}} or null")
     try:
         return PRESETS[conf.quant.mode](weight_bits=conf.quant.weight_bits, act_bits=conf.quant.act_bits,
                                         calib_steps=conf.quant.calib_steps, calib_method=conf.quant.calib_method,
-                                        quantizer_lr=conf.quant.quantizer_lr, layer_weight_bits=layer_bits, **fixed)
+                                        quantizer_lr=conf.quant.quantizer_lr, layer_weight_bits=layer_bits,
+                                        layer_act_splits=OmegaConf.to_container(splits) if splits else {}, **fixed)
     except ValueError as error:
         raise RecipeError(f"quant: {error}") from None
 

@@ -45,6 +45,12 @@ class QuantConfig:
         layer_weight_bits: per-layer weight bits, ``{module name: bits}`` (names as in ``named_modules`` of the
             model given to :func:`~fqss_plugin.prepare`; a name also covers the modules inside it): mixed
             precision, e.g. ``{"masker.TCN.3": 4}``. Layers not named take ``weight_bits``.
+        layer_act_splits: ``{module name: n}``: every output activation inside the named modules is carried by
+            ``n`` ``act_bits`` tensors (:class:`~fqss_plugin.quant.signal_io.SplitActivationQuantizer`: the first
+            quantized on its learned range, the others its stretched residuals), i.e. ``n·act_bits`` bits of
+            precision on the same range. For a branch whose activations spread over a wide range, such as
+            HTDemucs' frequency branch, where one 8-bit grid either clips the tails or rounds the bulk coarsely.
+            A consumer's integer op then runs once per tensor. Layers with an output combiner keep it.
     """
 
     weight_bits: int = 7
@@ -62,6 +68,7 @@ class QuantConfig:
     weight_init: str = "mse"
     exclude: tuple[str, ...] = field(default_factory=tuple)
     layer_weight_bits: dict[str, int] = field(default_factory=dict)
+    layer_act_splits: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "act_bits"):
@@ -87,6 +94,16 @@ class QuantConfig:
         bad = {k: v for k, v in self.layer_weight_bits.items() if not isinstance(v, int) or not 2 <= v <= 16}
         if bad:
             raise ValueError(f"QuantConfig.layer_weight_bits: bits must be integers in 2..16, got {bad}")
+        self.layer_act_splits = dict(self.layer_act_splits)
+        bad = {k: v for k, v in self.layer_act_splits.items() if not isinstance(v, int) or not 1 <= v <= 4}
+        if bad:
+            raise ValueError(f"QuantConfig.layer_act_splits: splits must be integers in 1..4, got {bad}")
+
+    def act_splits_of(self, name: str) -> int:
+        """The number of tensors carrying the output activations of module ``name``: the longest entry of
+        ``layer_act_splits`` that is ``name`` or contains it, else 1."""
+        owners = [key for key in self.layer_act_splits if name == key or name.startswith(key + ".")]
+        return self.layer_act_splits[max(owners, key=len)] if owners else 1
 
     def for_module(self, name: str) -> QuantConfig:
         """This config with the ``weight_bits`` of module ``name`` (the longest entry of ``layer_weight_bits``

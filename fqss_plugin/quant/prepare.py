@@ -28,11 +28,8 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, encoder: str | 
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare: model must be a torch.nn.Module, got {type(model).__name__}")
     excluded = config.exclude
-    names = [name for name, _ in model.named_modules()]
-    unknown = [key for key in config.layer_weight_bits if not any(n == key or n.startswith(key + ".") for n in names)]
-    if unknown:
-        raise ValueError(f"prepare: layer_weight_bits names {unknown[0]!r}, which is not a module of "
-                         f"{type(model).__name__}")
+    _check_names(model, config.layer_weight_bits, "layer_weight_bits")
+    _check_names(model, config.layer_act_splits, "layer_act_splits")
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedModule) or any(name == e or name.startswith(e + ".") for e in excluded):
             continue
@@ -69,7 +66,31 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, encoder: str | 
         if config.decoder_in_splits > 1 and isinstance(layer.input_quantizer, ActivationQuantizer):
             layer.input_quantizer = SplitActivationQuantizer(layer.input_quantizer, config.act_bits,
                                                              config.decoder_in_splits)
+    return split_activations(model, config)
+
+
+def split_activations(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Carry the output activations of the modules named in ``config.layer_act_splits`` by several
+    ``act_bits`` tensors, in place: every ``output_quantizer`` (an :class:`ActivationQuantizer`) inside them
+    becomes a :class:`SplitActivationQuantizer` around it, so its state moves under ``output_quantizer.first``.
+    Layers with an :class:`OutputCombiner` keep their output (already split); called after the combiners are
+    placed. Returns ``model``."""
+    if not config.layer_act_splits:
+        return model
+    _check_names(model, config.layer_act_splits, "layer_act_splits")
+    for name, module in model.named_modules():
+        splits = config.act_splits_of(name)
+        quantizer = getattr(module, "output_quantizer", None)
+        if splits > 1 and type(quantizer) is ActivationQuantizer and getattr(module, "output_combiner", None) is None:
+            module.output_quantizer = SplitActivationQuantizer(quantizer, config.act_bits, splits)
     return model
+
+
+def _check_names(model: nn.Module, per_module: dict, setting: str) -> None:
+    names = [name for name, _ in model.named_modules()]
+    unknown = [key for key in per_module if not any(n == key or n.startswith(key + ".") for n in names)]
+    if unknown:
+        raise ValueError(f"prepare: {setting} names {unknown[0]!r}, which is not a module of {type(model).__name__}")
 
 
 def _weighted_layer(model: nn.Module, name: str, role: str) -> QuantizedLayer:

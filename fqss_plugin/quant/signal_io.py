@@ -249,6 +249,10 @@ class SplitActivationQuantizer(ResidualSplit, nn.Module):
     def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.split(x)[0]
 
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first tensor's (step, zero point); the residual tensors share the step."""
+        return self.first.qparams()
+
     def forward(self, x: torch.Tensor, layer: nn.Module | None = None) -> torch.Tensor:
         parts, total = self.split(x)
         if layer is None:
