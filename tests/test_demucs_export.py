@@ -12,7 +12,8 @@ import fqss_plugin as fq
 from fqss_plugin.demucs import OrtHTDemucs, prepare_model, save_quantized_model
 from fqss_plugin.export import ort_op_report, to_onnx
 from fqss_plugin.export.view import WaveformSeparator
-from tests.test_demucs_adapter import SOURCES, music, tiny_htdemucs
+from tests.test_int8_portable import needs_qemu
+from tests.test_demucs_adapter import FREQUENCY_BRANCH, SOURCES, music, tiny_htdemucs
 
 
 def snr(estimate, reference) -> float:
@@ -24,11 +25,15 @@ def snr(estimate, reference) -> float:
 def calibrated():
     from tests.conftest import single_thread
     with single_thread():
-        model = prepare_model(tiny_htdemucs(), fq.QuantConfig.fqss(calib_steps=2))
-        model.train()
-        for seed in range(3):
-            model(music(seed=seed))
-            fq.calibration_step(model)
+        return calibrate(prepare_model(tiny_htdemucs(), fq.QuantConfig.fqss(calib_steps=2,
+                                                                            layer_act_splits=FREQUENCY_BRANCH)))
+
+
+def calibrate(model):
+    model.train()
+    for seed in range(3):
+        model(music(seed=seed))
+        fq.calibration_step(model)
     return model.eval()
 
 
@@ -40,8 +45,10 @@ def exported(calibrated, tmp_path_factory):
 def test_the_network_runs_in_integer_and_matches_torch(calibrated, exported, one_thread):
     assert exported.n_src == 4 and exported.sample_rate == 8000
     report = ort_op_report(exported.path)
-    assert report.integer["QLinearConv"] >= 20 and report.integer["QLinearMatMul"] >= 2   # convs, attention
-    assert report.integer["QLinearAdd"] >= 10                                             # residual and skip sums
+    # every convolution in integer: fused QLinearConv, or one ConvInteger per 8-bit part of a split tensor
+    assert report.integer["ConvInteger"] >= 20 and report.integer["QLinearConv"] >= 8
+    assert not {"Conv", "FusedConv"} & set(report.float_compute)
+    assert report.integer["QLinearMatMul"] >= 2 and report.integer["QLinearAdd"] >= 10    # attention; sums
     runtime = OrtHTDemucs(exported.path)
     mix = music(seed=7)
     frozen = WaveformSeparator.frozen(calibrated).model
@@ -79,3 +86,52 @@ def test_cli_exports_a_demucs_package_and_writes_named_stereo_stems(calibrated, 
     assert all(rate == 8000 and stem.shape == song.shape for stem, rate in stems.values())
     total = sum(stem for stem, _ in stems.values())
     assert np.isfinite(total).all() and np.abs(total).max() > 0
+
+
+
+@pytest.fixture(scope="module")
+def w8_files(tmp_path_factory):
+    """A split HTDemucs with full 8-bit weight codes, exported portable (the default) and for VNNI CPUs only."""
+    from tests.conftest import single_thread
+    with single_thread():
+        model = calibrate(prepare_model(tiny_htdemucs(seed=2), fq.QuantConfig.fqss(
+            weight_bits=8, calib_steps=2, layer_act_splits=FREQUENCY_BRANCH)))
+        folder = tmp_path_factory.mktemp("w8")
+        paths = {target: to_onnx(model, folder / f"{target}.onnx", target=target).path
+                 for target in ("portable", "vnni")}
+        frozen = WaveformSeparator.frozen(model).model
+        with torch.no_grad():
+            _, _, spec, wave, _, _ = frozen.analyse(music(seed=8))
+            reference = [r.numpy() for r in frozen.network(spec, wave)]
+    return paths, (spec.numpy(), wave.numpy()), reference
+
+
+def test_integer_convolutions_of_8_bit_weight_codes_are_exact_on_every_cpu(w8_files, one_thread):
+    """Full 8-bit weight codes can saturate a u8 x s8 pair on CPUs without VNNI: the portable file stores the
+    ConvInteger weights as uint8 (zero point 128), the same values, and still matches torch."""
+    import onnx
+
+    from fqss_plugin.export.saturation import saturation_risks
+
+    paths, (spec, wave), reference = w8_files
+    model = onnx.load(str(paths["portable"]))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    conv_integer = [n for n in model.graph.node if n.op_type == "ConvInteger"]
+    assert conv_integer and saturation_risks(model) == [] and saturation_risks(onnx.load(str(paths["vnni"])))
+    weights = [inits[n.input[1]] for n in conv_integer]
+    assert any(w.dtype == np.uint8 for w in weights) and all(w.dtype in (np.uint8, np.int8) for w in weights)
+    assert all(int(inits[n.input[3]]) == 128 for n in conv_integer if inits[n.input[1]].dtype == np.uint8)
+    outputs = OrtHTDemucs(paths["portable"]).session.run(None, {"spec": spec, "wave": wave})
+    for out, ref in zip(outputs, reference):
+        assert snr(out, ref) > 25
+
+
+@needs_qemu
+def test_the_portable_file_is_right_on_an_emulated_cpu_without_vnni(w8_files, one_thread):
+    """onnxruntime's own kernels of an AVX2 CPU without VNNI (QEMU) run the portable file's ConvInteger (uint8
+    weights, zero point 128) and QLinearConv as they do on this CPU."""
+    from fqss_plugin.export.emulate import run_emulated
+
+    paths, inputs, reference = w8_files
+    spec, wave = run_emulated(paths["portable"], [inputs])[0]
+    assert snr(spec, reference[0]) > 25 and snr(wave, reference[1]) > 25

@@ -27,9 +27,13 @@ options.intra_op_num_threads = 1
 options.inter_op_num_threads = 1
 options.log_severity_level = 3
 session = ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+names = [i.name for i in session.get_inputs()]
 inputs = np.load(sys.argv[2])
-outputs = [session.run(None, {session.get_inputs()[0].name: inputs[k]})[0] for k in sorted(inputs.files)]
-np.savez(sys.argv[3], *outputs)
+outputs = {}
+for k in sorted({key.split("_")[0] for key in inputs.files}):
+    feed = {name: inputs[f"{k}_{j}"] for j, name in enumerate(names) if f"{k}_{j}" in inputs.files}
+    outputs.update({f"{k}_{j}": out for j, out in enumerate(session.run(None, feed))})
+np.savez(sys.argv[3], **outputs)
 """
 
 
@@ -41,20 +45,26 @@ def qemu() -> str | None:
     return shutil.which("qemu-x86_64")
 
 
-def run_emulated(path: str | Path, inputs: list[np.ndarray], cpu: str = EMULATED_CPU, timeout: float = 1800) -> list[np.ndarray]:
-    """Outputs of the ONNX model at ``path`` (its first output) for each of ``inputs`` (``float32`` arrays fed
-    to its first input), computed by onnxruntime on an emulated ``cpu`` (one process for all inputs)."""
+def run_emulated(path: str | Path, inputs: list, cpu: str = EMULATED_CPU, timeout: float = 1800) -> list:
+    """Outputs of the ONNX model at ``path`` for each of ``inputs``, computed by onnxruntime on an emulated
+    ``cpu`` (one process for all inputs). An input is a ``float32`` array, fed to the model's first input, whose
+    result is the first output; or a tuple of arrays, fed to the inputs in order, whose result is the list of
+    all outputs."""
     program = qemu()
     if program is None:
         raise RuntimeError("emulating a CPU without VNNI needs qemu-x86_64 on an x86-64 Linux machine "
                            "(Debian: apt-get install qemu-user)")
     with tempfile.TemporaryDirectory() as tmp:
         feed, out = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
-        np.savez(feed, **{f"x{k:06d}": np.ascontiguousarray(x, np.float32) for k, x in enumerate(inputs)})
+        arrays = {f"x{k:06d}_{j}": np.ascontiguousarray(a, np.float32)
+                  for k, x in enumerate(inputs) for j, a in enumerate(x if isinstance(x, tuple) else (x,))}
+        np.savez(feed, **arrays)
         done = subprocess.run([program, "-cpu", cpu, sys.executable, "-c", _RUNNER, str(path), str(feed), str(out)],
                               capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             errors = [line for line in done.stderr.splitlines() if "TCG doesn't support" not in line]
             raise RuntimeError(f"onnxruntime under qemu-x86_64 -cpu {cpu} failed on {path}: " + "\n".join(errors[-5:]))
         with np.load(out) as outputs:
-            return [outputs[f"arr_{k}"] for k in range(len(inputs))]
+            results = [[outputs[key] for key in sorted(outputs.files, key=lambda key: int(key.split("_")[1]))
+                        if key.startswith(f"x{k:06d}_")] for k in range(len(inputs))]
+        return [result if isinstance(x, tuple) else result[0] for x, result in zip(inputs, results)]

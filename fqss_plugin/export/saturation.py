@@ -149,6 +149,10 @@ def uint8_weights(model: onnx.ModelProto, risks: list[SaturationRisk]) -> int:
                 if _int8_weight_codes(node.input[index], producers, inits) is None:
                     continue
                 dq = producers.get(node.input[index])
+                if dq is None and node.op_type == "ConvInteger":
+                    _uint8_conv_integer(node, inits, owners)
+                    done.add(node.name or node.output[0])
+                    continue
                 if dq is None:
                     raise ValueError(f"{node.op_type} {node.name!r}: int8 weights without a DequantizeLinear "
                                      "(an integer-op graph, not QDQ) cannot be made uint8")
@@ -169,6 +173,21 @@ def uint8_weights(model: onnx.ModelProto, risks: list[SaturationRisk]) -> int:
                 dq.input.extend([base + "_u8", scale_name, base + "_u8zp"])
                 done.add(dq.output[0])
     return len(done)
+
+
+def _uint8_conv_integer(node: onnx.NodeProto, inits: dict, owners: dict) -> None:
+    """A ``ConvInteger`` on int8 codes reads them as uint8 (codes + 128) with the weight zero point 128."""
+    base = node.input[1]
+    if base + "_u8" not in inits:
+        codes = numpy_helper.to_array(inits[base])
+        owner = owners[base]
+        for name, array in ((base + "_u8", (codes.astype(np.int16) + 128).astype(np.uint8)),
+                            (base + "_u8zp", np.array(128, np.uint8))):
+            owner.initializer.append(numpy_helper.from_array(array, name))
+            inits[name] = owner.initializer[-1]
+    while len(node.input) < 4:
+        node.input.append("")
+    node.input[1], node.input[3] = base + "_u8", base + "_u8zp"
 
 
 # -- numpy emulation of the kernels ---------------------------------------------------------------
