@@ -110,7 +110,7 @@ def test_output_combiner_outputs_are_8_bit_tensors():
 def test_input_splitter_needs_two_splits():
     import pytest
     with pytest.raises(ValueError, match="at least 2 splits"):
-        InputSplitter(torch.zeros(4, 1, 3), 0, 8, 1, 8, None)
+        InputSplitter(torch.zeros(4, 1, 3), 0, fq.QuantConfig(in_splits=1), None)
 
 
 def _calibrated_split(splits: int, x: torch.Tensor) -> nn.Module:

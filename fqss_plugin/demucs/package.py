@@ -20,7 +20,7 @@ from torch import nn
 from ..atomic import atomic_save
 from ..quant import QuantConfig, prepare
 from ..quant.prepare import split_activations
-from ..quant.layers import activation_quantizer
+from ..quant.quantizers import activation_quantizer
 from ..quant.signal_io import OutputCombiner, SplitActivationQuantizer
 from .wrappers import QHTDemucs
 

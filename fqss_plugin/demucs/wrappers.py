@@ -43,8 +43,8 @@ from einops import rearrange
 from torch import nn
 
 from ..quant import QuantConfig, register
-from ..quant.layers import (NORM_INTERNALS, Add, OutputQuantized, QAdd, QGELU, QGLU, QReLU, QuantizedModule,
-                            activation_quantizer, weight_quantizer)
+from ..quant.layers import NORM_INTERNALS, Add, OutputQuantized, QAdd, QGELU, QGLU, QReLU, QuantizedModule
+from ..quant.quantizers import activation_quantizer, weight_quantizer
 
 
 def _add(config: QuantConfig) -> QAdd:

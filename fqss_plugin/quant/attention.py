@@ -36,7 +36,8 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .config import QuantConfig
-from .layers import QLinear, QuantizedModule, activation_quantizer, weight_quantizer
+from .layers import QLinear, QuantizedModule
+from .quantizers import activation_quantizer, weight_quantizer
 from .registry import register
 
 ACTIVATION_POINTS = ("q", "k", "v", "scaled_q", "logits", "softmax", "attn_v")

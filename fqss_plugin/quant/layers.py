@@ -24,21 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QuantConfig
-from .quantizers import ActivationQuantizer, WeightQuantizer
+from .quantizers import activation_quantizer, weight_quantizer
 from .registry import register
 from .signal_io import SplitActivationQuantizer
-
-
-def activation_quantizer(config: QuantConfig) -> ActivationQuantizer:
-    """An :class:`ActivationQuantizer` with the settings of ``config``."""
-    return ActivationQuantizer(config.act_bits, config.calib_steps, config.calib_method, config.ema_momentum,
-                               config.learn_ranges)
-
-
-def weight_quantizer(num_channels: int, config: QuantConfig, axis: int = 0) -> WeightQuantizer:
-    """A :class:`WeightQuantizer` of ``num_channels`` steps along ``axis`` with the settings of ``config``."""
-    return WeightQuantizer(num_channels, config.weight_bits, axis=axis, learnable=config.learn_ranges,
-                           init=config.weight_init)
 
 
 NORM_INTERNALS = "norm statistics and affine: float (integer engines use wider internals)"

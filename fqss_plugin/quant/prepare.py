@@ -4,8 +4,9 @@ from __future__ import annotations
 from torch import nn
 
 from .config import QuantConfig
-from .layers import QuantizedLayer, QuantizedModule, activation_quantizer
-from .quantizers import ActivationQuantizer, FrozenActivationQuantizer, FrozenWeightQuantizer, WeightQuantizer
+from .layers import QuantizedLayer, QuantizedModule
+from .quantizers import (ActivationQuantizer, FrozenActivationQuantizer, FrozenWeightQuantizer, WeightQuantizer,
+                         activation_quantizer)
 from .registry import wrapper_for
 from .signal_io import InputSplitter, OutputCombiner, SignalScale, SplitActivationQuantizer
 
@@ -47,9 +48,8 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, encoder: str | 
         if layer.input_splitter is not None or layer.input_quantizer is not None:
             raise ValueError(f"prepare: encoder={encoder!r} already has an input splitter/quantizer (prepared twice?)")
         if config.in_splits > 1:
-            layer.input_splitter = InputSplitter(layer.weight, layer.weight_axis, config.act_bits, config.in_splits,
-                                                 config.for_module(encoder).weight_bits, signal_scale,
-                                                 config.learn_ranges, config.weight_init)
+            layer.input_splitter = InputSplitter(layer.weight, layer.weight_axis, config.for_module(encoder),
+                                                 signal_scale)
         else:
             layer.input_quantizer = activation_quantizer(config)
         if config.encoder_out_splits > 1:

@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .config import QuantConfig
 from .functional import (MAX_SCALE, MIN_SCALE, fake_quantize_per_channel, fake_quantize_per_tensor,
                          lsq_grad_factor)
 
@@ -354,3 +355,15 @@ class FrozenWeightQuantizer(nn.Module):
         return f"bits={self.bits}, axis={self.axis}, channels={self.scale.numel()}"
 
 
+
+
+def activation_quantizer(config: QuantConfig) -> ActivationQuantizer:
+    """An :class:`ActivationQuantizer` with the settings of ``config``."""
+    return ActivationQuantizer(config.act_bits, config.calib_steps, config.calib_method, config.ema_momentum,
+                               config.learn_ranges)
+
+
+def weight_quantizer(num_channels: int, config: QuantConfig, axis: int = 0) -> WeightQuantizer:
+    """A :class:`WeightQuantizer` of ``num_channels`` steps along ``axis`` with the settings of ``config``."""
+    return WeightQuantizer(num_channels, config.weight_bits, axis=axis, learnable=config.learn_ranges,
+                           init=config.weight_init)

@@ -33,7 +33,8 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .config import QuantConfig
-from .layers import QuantizedModule, activation_quantizer, weight_quantizer
+from .layers import QuantizedModule
+from .quantizers import activation_quantizer, weight_quantizer
 from .registry import register
 
 ACTIVATION_POINTS = ("input_proj", "recurrent_proj", "gates", "sigmoid", "tanh", "forget_cell", "input_cell",

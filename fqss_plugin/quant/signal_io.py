@@ -31,7 +31,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .quantizers import WeightQuantizer
+from .config import QuantConfig
+from .quantizers import weight_quantizer
 
 
 def grid_step(bits: int) -> float:
@@ -101,28 +102,26 @@ class SignalScale:
 class InputSplitter(nn.Module):
     """Feeds ``splits`` b-bit signals of the (normalised) input to the first layer.
 
-    The layer keeps its float ``weight`` (strict loading of float checkpoints); the kernels of
-    the residual splits live in ``extra_weight`` (shape ``[splits-1, *weight.shape]``), each with
-    its own per-channel :class:`WeightQuantizer`, and are set to ``ρ^i · weight`` on the first
+    ``config`` gives the splits (``in_splits`` of ``act_bits``) and the residual kernels' weight quantizers (the
+    layer's own config, hence its weight bits). The layer keeps its float ``weight`` (strict loading of float
+    checkpoints); the kernels of the residual splits live in ``extra_weight`` (shape ``[splits-1, *weight.shape]``),
+    each with its own per-channel weight quantizer, and are set to ``ρ^i · weight`` on the first
     forward pass (after pretrained weights are loaded). The layer computes
     ``layer(s_0; W) + Σ_i layer(s_i; W_i)`` with the bias added once.
     """
 
     float_internals = "per-example peak normalisation of the input: one float scalar per example"
 
-    def __init__(self, weight: torch.Tensor, weight_axis: int, bits: int, splits: int, weight_bits: int,
-                 scale: SignalScale | None, learnable: bool = True, weight_init: str = "mse") -> None:
+    def __init__(self, weight: torch.Tensor, weight_axis: int, config: QuantConfig, scale: SignalScale | None) -> None:
         super().__init__()
-        if splits < 2:
-            raise ValueError(f"InputSplitter needs at least 2 splits, got {splits}")
-        self.bits = bits
-        self.splits = splits
+        if config.in_splits < 2:
+            raise ValueError(f"InputSplitter needs at least 2 splits, got {config.in_splits}")
+        self.bits = config.act_bits
+        self.splits = config.in_splits
         self.signal_scale = scale
-        self.extra_weight = nn.Parameter(torch.zeros((splits - 1,) + tuple(weight.shape), dtype=weight.dtype))
-        self.weight_quantizers = nn.ModuleList(
-            WeightQuantizer(weight.shape[weight_axis], weight_bits, axis=weight_axis, learnable=learnable,
-                            init=weight_init)
-            for _ in range(splits - 1))
+        self.extra_weight = nn.Parameter(torch.zeros((self.splits - 1,) + tuple(weight.shape), dtype=weight.dtype))
+        self.weight_quantizers = nn.ModuleList(weight_quantizer(weight.shape[weight_axis], config, weight_axis)
+                                               for _ in range(self.splits - 1))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
