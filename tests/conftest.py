@@ -73,6 +73,22 @@ def error_after_one_calibration_step(float_model: torch.nn.Module, quantized: to
     return relative_error(quantized.eval()(x), float_model.eval()(x))
 
 
+HF_SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def seed_hf_cache(home, repo_id: str, files: dict[str, bytes]) -> None:
+    """A Hugging Face hub cache under ``home`` (``HF_HOME``) holding ``files`` for ``repo_id``, as a download
+    leaves it; ``huggingface_hub`` reads it with ``HF_HUB_OFFLINE=1``."""
+    from pathlib import Path
+    repo = Path(home) / "hub" / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(HF_SNAPSHOT)
+    snapshot = repo / "snapshots" / HF_SNAPSHOT
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (snapshot / name).write_bytes(content)
+
+
 def load_script(path, name: str | None = None):
     """A recipe script (``train.py``) imported as a module, without running its ``__main__`` block."""
     import importlib.util

@@ -158,3 +158,48 @@ def test_frequency_branch_activations_on_two_8_bit_tensors_are_closer_to_float(o
         prepare_model(tiny_htdemucs(), fq.QuantConfig.fqss(layer_act_splits={"encoders": 2}))
     with pytest.raises(ValueError, match="splits must be integers in 1..4"):
         fq.QuantConfig.fqss(layer_act_splits={"encoder": 8})
+
+
+HUB_LOAD = """
+import sys, torch
+from demucs.pretrained import get_model
+from fqss_plugin.demucs import load_pretrained_htdemucs
+x = torch.load(sys.argv[1])
+bag = get_model("hf://fqss/htdemucs_tinyq")                 # Demucs' own hub route: a bag of one model
+quantized, teacher = bag.models[0].eval(), load_pretrained_htdemucs("htdemucs").eval()   # recipes' pretrained=
+with torch.no_grad():
+    out = {"quantized": quantized(x), "float": teacher(x), "classes": [type(quantized).__name__, type(teacher).__name__]}
+torch.save(out, sys.argv[2])
+"""
+
+
+def test_hub_folders_load_through_demucs_get_model_from_an_offline_cache(calibrated, tmp_path):
+    """``save_hub_folder`` writes Demucs' Hugging Face layout; with it in a hub cache and ``HF_HUB_OFFLINE=1``,
+    ``get_model("hf://...")`` rebuilds the quantized model, and the plain name ``htdemucs`` (Demucs' default
+    hub repository) the float one that ``pretrained=htdemucs`` of the recipe loads."""
+    import os
+    import subprocess
+    import sys
+
+    from demucs.hf import hf_repo_name
+
+    from fqss_plugin.demucs import save_hub_folder
+    from tests.conftest import seed_hf_cache
+
+    float_model, model = calibrated
+    for namespace, name, which in (("fqss", "htdemucs_tinyq", model), ("adefossez", "htdemucs", float_model)):
+        folder = tmp_path / name
+        save_hub_folder(which, folder, name, signature=f"{name}_sig")
+        seed_hf_cache(tmp_path / "hf", f"{namespace}/{hf_repo_name(name)}",
+                      {p.name: p.read_bytes() for p in folder.iterdir()})
+    x = music(seed=9)
+    torch.save(x, tmp_path / "x.pt")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-c", HUB_LOAD, str(tmp_path / "x.pt"), str(tmp_path / "out.pt")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert out["classes"] == ["FQSSHTDemucs", "HTDemucs"]
+    with torch.no_grad():
+        assert torch.equal(out["quantized"], model(x)) and torch.equal(out["float"], float_model(x))

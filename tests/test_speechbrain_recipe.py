@@ -15,13 +15,12 @@ import torch
 from fqss_plugin.data.speech import SpeechConfig, generate_speech
 from fqss_plugin.quant.quantizers import ActivationQuantizer
 from fqss_plugin.speechbrain import QuantizedSepformerSeparation, save_pretrained_separator
-from tests.conftest import load_script
+from tests.conftest import load_script, seed_hf_cache
 from tests.test_speechbrain_adapter import TINY_OVERRIDES, tiny_modules
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "LibriMix" / "SepFormer"
 HUB_ID = "fqss/tiny-sepformer"
-SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def load_recipe():
@@ -92,19 +91,10 @@ def test_float_and_vanilla_debug_runs(recipe, data, tmp_path):
     assert model.separate_batch(torch.randn(1, 4000) * 0.1).shape == (1, 4000, 2)
 
 
-def seed_hf_cache(home: Path, package: Path) -> None:
-    repo = home / "hub" / ("models--" + HUB_ID.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(SNAPSHOT)
-    snapshot = repo / "snapshots" / SNAPSHOT
-    snapshot.mkdir(parents=True)
-    for name in ("encoder", "masknet", "decoder"):
-        (snapshot / f"{name}.ckpt").write_bytes((package / f"{name}.ckpt").read_bytes())
-
-
 def test_fqss_run_with_pretrained_from_offline_hub_cache(data, tmp_path):
     """The real hub code path (Pretrainer -> fetch -> huggingface_hub) against a pre-seeded cache."""
-    seed_hf_cache(tmp_path / "hf", data["float"])
+    seed_hf_cache(tmp_path / "hf", HUB_ID, {f"{name}.ckpt": (data["float"] / f"{name}.ckpt").read_bytes()
+                                            for name in ("encoder", "masknet", "decoder")})
     out = tmp_path / "fqss"
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONWARNINGS": "ignore"}

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from fqss_plugin.data.speech import SpeechConfig, generate_speech
+from tests.conftest import seed_hf_cache
 
 REPO = Path(__file__).resolve().parent.parent
 UPSTREAM = REPO / "tests" / "upstream"
 PATCHES = REPO / "docs" / "upstream"
-SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def changed_lines(patch: Path) -> int:
@@ -34,17 +34,6 @@ def apply_patch(fixture: Path, patch: Path, work: Path) -> Path:
     shutil.copytree(fixture, recipe)
     subprocess.run(["patch", "-p1", "--quiet", "-i", str(patch)], cwd=recipe, check=True)
     return recipe
-
-
-def seed_hf_cache(home: Path, repo_id: str, files: dict[str, bytes]) -> None:
-    """A Hugging Face hub cache holding ``files`` for ``repo_id`` (read with ``HF_HUB_OFFLINE=1``)."""
-    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(SNAPSHOT)
-    snapshot = repo / "snapshots" / SNAPSHOT
-    snapshot.mkdir(parents=True)
-    for name, content in files.items():
-        (snapshot / name).write_bytes(content)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ The same shape as every toolkit adapter:
 * :mod:`.package` -- :func:`prepare_model`: the wrappers, both branches' inputs on split 8-bit tensors,
   both branches' outputs from combined 8-bit outputs; :class:`FQSSHTDemucs` and
   :func:`save_quantized_model`: Demucs' own package format, which ``demucs.pretrained.get_model``
-  reloads.
+  reloads; :func:`save_hub_folder`: the layout of Demucs' Hugging Face repositories (``get_model("hf://...")``);
+  :func:`load_pretrained_htdemucs`: one HTDemucs from a package file or a model name.
 
 * :mod:`.recipe` -- the training glue of the MUSDB18-HQ recipes: Demucs' datasets and augmentation, the L1
   loss with the FQSS distillation, validation and the museval test, for any model in Demucs' layout;
@@ -17,9 +18,10 @@ The same shape as every toolkit adapter:
 """
 from . import export  # noqa: F401  (registers the exporter and the runtime of HTDemucs files)
 from .export import OrtHTDemucs, export_htdemucs
-from .package import FQSSHTDemucs, prepare_model, save_quantized_model
+from .package import FQSSHTDemucs, load_pretrained_htdemucs, prepare_model, save_hub_folder, save_quantized_model
 from .wrappers import (QCrossTransformerEncoder, QCrossTransformerEncoderLayer, QDConv, QHDecLayer, QHEncLayer,
                        QHTDemucs, QLayerScale, QMyTransformerEncoderLayer)
 
 __all__ = ["FQSSHTDemucs", "OrtHTDemucs", "export_htdemucs", "QCrossTransformerEncoder", "QCrossTransformerEncoderLayer", "QDConv", "QHDecLayer", "QHEncLayer",
-           "QHTDemucs", "QLayerScale", "QMyTransformerEncoderLayer", "prepare_model", "save_quantized_model"]
+           "QHTDemucs", "QLayerScale", "QMyTransformerEncoderLayer", "load_pretrained_htdemucs", "prepare_model",
+           "save_hub_folder", "save_quantized_model"]

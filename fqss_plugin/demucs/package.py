@@ -5,16 +5,25 @@
 * :class:`FQSSHTDemucs` builds itself quantized from the constructor arguments plus ``fqss_config``, so
   :func:`save_quantized_model` writes Demucs' own package format (``klass``, ``args``, ``kwargs``,
   ``state``) and Demucs' own loaders, ``demucs.states.load_model`` and
-  ``demucs.pretrained.get_model(sig, repo=<dir>)``, rebuild the quantized model.
+  ``demucs.pretrained.get_model(sig, repo=<dir>)``, rebuild the quantized model;
+* :func:`save_hub_folder` writes the layout of Demucs' Hugging Face repositories (``<name>.yaml`` naming the
+  models of the bag, one ``<sig>.safetensors`` per model with the class and arguments in its metadata), which
+  ``demucs.pretrained.get_model("hf://<namespace>/<name>")`` loads once the folder is uploaded as
+  ``<namespace>/<demucs.hf.hf_repo_name(name)>``;
+* :func:`load_pretrained_htdemucs`: one ``HTDemucs`` from a package file or from Demucs' ``get_model`` (a model
+  name, ``hf://`` included).
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
+from fractions import Fraction
 from pathlib import Path
 
+import yaml
 from demucs.htdemucs import HTDemucs
-from demucs.states import get_state
+from demucs.states import get_state, load_model
 from torch import nn
 
 from ..atomic import atomic_save
@@ -103,3 +112,60 @@ def save_quantized_model(model: FQSSHTDemucs, path: str | Path) -> Path:
     package = {"klass": FQSSHTDemucs, "args": args, "kwargs": {**kwargs, "fqss_config": model.fqss_config.to_dict()},
                "state": get_state(model, None, half=False)}
     return atomic_save(package, path)
+
+
+def _json_ready(value):
+    """Demucs' JSON encoding of constructor arguments (``demucs.hf._decode_json`` reads it back): fractions as
+    ``{"_type": "fraction", ...}``, tuples as lists."""
+    if isinstance(value, Fraction):
+        return {"_type": "fraction", "numerator": value.numerator, "denominator": value.denominator}
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+def save_hub_folder(model: HTDemucs, folder: str | Path, name: str, signature: str | None = None) -> Path:
+    """Write ``model`` (float or quantized) in the layout of Demucs' Hugging Face repositories: ``<name>.yaml``
+    (a bag of this one model) and ``<signature>.safetensors`` (the state, with ``klass``, ``args`` and ``kwargs``
+    as JSON metadata, ``fqss_config`` among the kwargs of a quantized model). Upload ``folder`` as the hub
+    repository ``<namespace>/<demucs.hf.hf_repo_name(name)>`` and ``get_model("hf://<namespace>/<name>")`` loads
+    it. Returns the yaml's path."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, HTDemucs):
+        raise ValueError(f"save_hub_folder: expected an HTDemucs, got {type(model).__name__}")
+    signature = signature or name
+    args, kwargs = model._init_args_kwargs
+    if isinstance(model, FQSSHTDemucs):
+        kwargs = {**kwargs, "fqss_config": model.fqss_config.to_dict()}
+    klass = FQSSHTDemucs if isinstance(model, FQSSHTDemucs) else type(model)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in get_state(model, None).items()}
+    metadata = {"klass": f"{klass.__module__}.{klass.__qualname__}", "args": json.dumps(_json_ready(list(args))),
+                "kwargs": json.dumps(_json_ready(kwargs))}
+    save_file(state, str(folder / f"{signature}.safetensors"), metadata=metadata)
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump({"models": [signature]}))
+    return folder / f"{name}.yaml"
+
+
+def load_pretrained_htdemucs(source: str | Path) -> HTDemucs:
+    """One ``HTDemucs`` (float or quantized) from a Demucs package file (``<sig>.th``), else through
+    ``demucs.pretrained.get_model(source)``: a model name (``htdemucs``: the Hugging Face hub, then Demucs'
+    legacy repository) or ``hf://<namespace>/<name>``. A bag of several models is refused (QAT trains one)."""
+    if Path(source).is_file():
+        return load_model(str(source))
+    from demucs.apply import BagOfModels
+    from demucs.pretrained import get_model
+
+    model = get_model(str(source))
+    if isinstance(model, BagOfModels):
+        if len(model.models) != 1:
+            raise ValueError(f"{source}: a bag of {len(model.models)} models; QAT takes one HTDemucs (pass one of "
+                             "the bag's models as a package file)")
+        model = model.models[0]
+    if not isinstance(model, HTDemucs):
+        raise ValueError(f"{source}: a {type(model).__name__}, not an HTDemucs")
+    return model

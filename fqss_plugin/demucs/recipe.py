@@ -122,11 +122,17 @@ def load_pretrained(load: Callable[[object], nn.Module], path) -> nn.Module:
         raise RecipeError(f"pretrained={path}: not a readable model package ({first_line(error)})") from None
 
 
-def pretrained_path(conf) -> Path:
-    """``pretrained``, the float package a QAT run starts from (a clear error when it is missing)."""
-    if not conf.pretrained or not Path(conf.pretrained).is_file():
-        raise RecipeError(f"quant.mode={conf.quant.mode} needs pretrained=<float package> (got {conf.pretrained})")
-    return Path(conf.pretrained)
+def pretrained_path(conf, names: bool = False) -> Path | str:
+    """``pretrained``, the float package a QAT run starts from (a clear error when it is missing); with
+    ``names``, a value that is no path (no file, no ``.th`` suffix) is passed on as a model name (``htdemucs``,
+    ``hf://<namespace>/<name>``) for the recipe's loader."""
+    path = Path(str(conf.pretrained or ""))
+    if conf.pretrained and path.is_file():
+        return path
+    if conf.pretrained and names and not path.exists() and path.suffix != ".th":
+        return str(conf.pretrained)
+    expected = "<float package (.th) or Demucs model name>" if names else "<float package>"
+    raise RecipeError(f"quant.mode={conf.quant.mode} needs pretrained={expected} (got {conf.pretrained})")
 
 
 def make_datasets(conf):

@@ -4,6 +4,7 @@
     python train.py conf/float.yaml   dset.musdb=/data/musdb18hq
     python train.py conf/vanilla.yaml dset.musdb=/data/musdb18hq pretrained=exp/float/best.th
     python train.py conf/fqss.yaml    dset.musdb=/data/musdb18hq pretrained=exp/float/best.th
+    python train.py conf/fqss.yaml    dset.musdb=/data/musdb18hq pretrained=htdemucs   # Demucs' get_model: the hub
     torchrun --nproc_per_node=2 train.py conf/fqss.yaml ...     # DDP on CPUs (gloo): the batch is split over ranks
 
 Keys of the yaml are overridden as ``dotted.key=value``, as in Demucs' configs. A run resumes from
@@ -20,7 +21,7 @@ from demucs.states import load_model, serialize_model
 from omegaconf import OmegaConf
 
 from fqss_plugin.atomic import atomic_save
-from fqss_plugin.demucs import prepare_model, save_quantized_model
+from fqss_plugin.demucs import load_pretrained_htdemucs, prepare_model, save_quantized_model
 from fqss_plugin.demucs.recipe import (ModelIO, RecipeError, load_pretrained, main as train_main, pretrained_path,
                                       quant_config, run)
 from fqss_plugin.quant import is_quantized
@@ -29,11 +30,11 @@ from fqss_plugin.quant import is_quantized
 def build_models(conf):
     """(model to train, float teacher or None, QuantConfig or None) for ``quant.mode``."""
     if conf.quant.mode == "float":
-        model = load_pretrained(load_model, conf.pretrained) if conf.pretrained else \
+        model = load_pretrained(load_pretrained_htdemucs, pretrained_path(conf, names=True)) if conf.pretrained else \
             HTDemucs(sources=list(conf.dset.sources), audio_channels=conf.dset.channels,
                      samplerate=conf.dset.samplerate, **OmegaConf.to_container(conf.htdemucs))
         return model, None, None
-    teacher = load_pretrained(load_model, pretrained_path(conf)).eval().requires_grad_(False)
+    teacher = load_pretrained(load_pretrained_htdemucs, pretrained_path(conf, names=True)).eval().requires_grad_(False)
     if is_quantized(teacher):
         raise RecipeError(f"pretrained={conf.pretrained}: a quantized model; the float teacher is needed")
     config = quant_config(conf)
