@@ -5,7 +5,9 @@ For each ``--teacher RECIPE=PACKAGE`` (a float model of ``recipes/MUSDB18/<RECIP
 QAT, each for ``--epochs`` (runs resume from their checkpoints, so an interrupted table goes on). All four are
 scored with museval on the same test tracks with ``test.shifts=0`` (deterministic chunked inference), and the
 deltas are paired per track and source (the track's median SDR over 1 s frames), with 95 % confidence
-intervals. Writes ``<out>/music_table.json`` and its section of BENCHMARKS.md.
+intervals. Writes ``<out>/music_table.json`` and its section of BENCHMARKS.md; rows of recipes that an
+invocation does not name are kept from that file (each row names the command and epoch count that made it), so
+one model's row can be re-run at more epochs without retraining the others.
 
     python benchmarks/music_table.py --teacher HTDemucs=recipes/MUSDB18/HTDemucs/pretrained/embedded_float/<sig>.th \\
         --teacher ConvTasNet=recipes/MUSDB18/ConvTasNet/pretrained/embedded_float/best_model.pth --epochs 4
@@ -72,15 +74,15 @@ def compare(recipe: str, teacher: Path, musdb: Path, out: Path, epochs: int) -> 
             "nsdr": {run: result["nsdr"] for run, result in scores.items()},
             "delta_vs_float": {run: {"mean": m, "ci95": h} for run, (m, h) in delta.items()},
             "fqss_minus_vanilla": {"mean": gap[0], "ci95": gap[1]}, "per_track_source": values,
-            "wall_time_s": time.time() - started}
+            "wall_time_s": time.time() - started, "command": command_line()}
 
 
 def format_table(results: list[dict]) -> str:
-    lines = ["| Model | Float | Float + | Vanilla QAT 8-bit | FQSS 8-bit | vanilla - float | FQSS - float | FQSS - vanilla "
-             "| paper (float / vanilla / FQSS) |", "|---|" + "---|" * 8]
+    lines = ["| Model | QAT epochs | Float | Float + | Vanilla QAT 8-bit | FQSS 8-bit | vanilla - float | FQSS - float "
+             "| FQSS - vanilla | paper (float / vanilla / FQSS) |", "|---|" + "---|" * 9]
     for r in results:
         sdr, d, g = r["sdr_median"], r["delta_vs_float"], r["fqss_minus_vanilla"]
-        lines.append(f"| {r['recipe']} | {sdr['float']:.2f} | {sdr['float_more']:.2f} | {sdr['vanilla']:.2f} | "
+        lines.append(f"| {r['recipe']} | {r['qat_epochs']} | {sdr['float']:.2f} | {sdr['float_more']:.2f} | {sdr['vanilla']:.2f} | "
                      f"{sdr['fqss']:.2f} | {d['vanilla']['mean']:+.3f} ± {d['vanilla']['ci95']:.3f} | "
                      f"**{d['fqss']['mean']:+.3f} ± {d['fqss']['ci95']:.3f}** | "
                      f"**{g['mean']:+.3f} ± {g['ci95']:.3f}** | {' / '.join(map(str, PAPER[r['recipe']]))} |")
@@ -102,18 +104,22 @@ def main(argv: list[str] | None = None) -> int:
         if not recipe or not Path(path).is_file():
             parser.error(f"--teacher {text!r}: expected RECIPE=PACKAGE with an existing package file")
         teachers.append((recipe, Path(path).resolve()))
-    results = [compare(recipe, teacher, args.musdb.resolve(), (args.out / recipe).resolve(), args.epochs)
-               for recipe, teacher in teachers]
+    table = args.out / "music_table.json"
+    rows = {r["recipe"]: r for r in (json.loads(table.read_text()) if table.is_file() else [])}
+    for recipe, teacher in teachers:
+        rows[recipe] = compare(recipe, teacher, args.musdb.resolve(), (args.out / recipe).resolve(), args.epochs)
+    results = list(rows.values())
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "music_table.json").write_text(json.dumps(results, indent=1))
+    table.write_text(json.dumps(results, indent=1))
     verdicts = []
     for r in results:
         fqss, gap, goal = r["delta_vs_float"]["fqss"], r["fqss_minus_vanilla"], GOALS[r["recipe"]]
         verdicts.append(f"* {r['recipe']} (teacher `{r['teacher']}`): FQSS - float = {fqss['mean']:+.3f} dB (goal >= "
                         f"{goal:+.2f}: {'met' if fqss['mean'] >= goal else 'NOT met'}); FQSS better than vanilla (paired "
                         f"95% CI of FQSS - vanilla above 0): {'yes' if gap['mean'] - gap['ci95'] > 0 else 'no'}; "
-                        f"{r['qat_epochs']} epochs per run; this invocation {r['wall_time_s'] / 60:.0f} min.")
-    body = (f"Command: `{command_line()}`\n\nCPU: {describe_cpu()}\n\nmuseval SDR (dB; BSSEval v4, median over 1 s "
+                        f"{r['qat_epochs']} epochs per run ({r['wall_time_s'] / 60:.0f} min); made by "
+                        f"`{r.get('command', '(not recorded)')}`.")
+    body = (f"Latest command: `{command_line()}`\n\nCPU: {describe_cpu()}\n\nmuseval SDR (dB; BSSEval v4, median over 1 s "
             f"frames, then over tracks, mean over the four sources) on the toy MUSDB18-HQ test split "
             f"({results[0]['test_tracks']} synthesized songs: not MUSDB18-HQ numbers). Deltas are paired per track "
             "and source (the track's median), ± the half-width of the 95% confidence interval.\n\n"
