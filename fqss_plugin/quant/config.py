@@ -100,18 +100,16 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.layer_act_splits: splits must be integers in 1..4, got {bad}")
 
     def act_splits_of(self, name: str) -> int:
-        """The number of tensors carrying the output activations of module ``name``: the longest entry of
-        ``layer_act_splits`` that is ``name`` or contains it, else 1."""
-        owners = [key for key in self.layer_act_splits if name == key or name.startswith(key + ".")]
-        return self.layer_act_splits[max(owners, key=len)] if owners else 1
+        """The number of tensors carrying the output activations of module ``name``: the entry of
+        ``layer_act_splits`` that owns it (:func:`owner`), else 1."""
+        key = owner(self.layer_act_splits, name)
+        return 1 if key is None else self.layer_act_splits[key]
 
     def for_module(self, name: str) -> QuantConfig:
-        """This config with the ``weight_bits`` of module ``name`` (the longest entry of ``layer_weight_bits``
-        that is ``name`` or contains it); ``self`` when none applies."""
-        owners = [key for key in self.layer_weight_bits if name == key or name.startswith(key + ".")]
-        if not owners:
-            return self
-        return replace(self, weight_bits=self.layer_weight_bits[max(owners, key=len)], layer_weight_bits={})
+        """This config with the ``weight_bits`` of module ``name`` (the entry of ``layer_weight_bits`` that owns
+        it, :func:`owner`); ``self`` when none applies."""
+        key = owner(self.layer_weight_bits, name)
+        return self if key is None else replace(self, weight_bits=self.layer_weight_bits[key], layer_weight_bits={})
 
     @classmethod
     def fqss(cls, **overrides) -> QuantConfig:
@@ -128,6 +126,18 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def inside(name: str, key: str) -> bool:
+    """Whether module ``name`` is module ``key`` or lies inside it (names as in ``named_modules``)."""
+    return name == key or name.startswith(key + ".")
+
+
+def owner(keys, name: str) -> str | None:
+    """The most specific of ``keys`` (module names) that module ``name`` lies inside, or None: per-layer
+    settings for ``encoder`` and ``encoder.0`` give ``encoder.0.conv`` the latter's."""
+    owners = [key for key in keys if inside(name, key)]
+    return max(owners, key=len) if owners else None
 
 
 def read_layer_weight_bits(path: str | None) -> dict[str, int]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import QuantConfig
+from .config import QuantConfig, inside, owner
 from .layers import QuantizedLayer, QuantizedModule
 from .quantizers import (ActivationQuantizer, FrozenActivationQuantizer, FrozenWeightQuantizer, WeightQuantizer,
                          activation_quantizer)
@@ -29,10 +29,11 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, encoder: str | 
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare: model must be a torch.nn.Module, got {type(model).__name__}")
     excluded = config.exclude
+    # names checked before anything is wrapped, so a bad name leaves the model as it was
     _check_names(model, config.layer_weight_bits, "layer_weight_bits")
     _check_names(model, config.layer_act_splits, "layer_act_splits")
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantizedModule) or any(name == e or name.startswith(e + ".") for e in excluded):
+        if isinstance(module, QuantizedModule) or owner(excluded, name) is not None:
             continue
         wrapper = wrapper_for(module)
         if wrapper is not None:
@@ -88,7 +89,7 @@ def split_activations(model: nn.Module, config: QuantConfig) -> nn.Module:
 
 def _check_names(model: nn.Module, per_module: dict, setting: str) -> None:
     names = [name for name, _ in model.named_modules()]
-    unknown = [key for key in per_module if not any(n == key or n.startswith(key + ".") for n in names)]
+    unknown = [key for key in per_module if not any(inside(n, key) for n in names)]
     if unknown:
         raise ValueError(f"prepare: {setting} names {unknown[0]!r}, which is not a module of {type(model).__name__}")
 
