@@ -46,8 +46,11 @@ def test_the_network_runs_in_integer_and_matches_torch(calibrated, exported, one
     assert exported.n_src == 4 and exported.sample_rate == 8000
     report = ort_op_report(exported.path)
     # every convolution in integer: fused QLinearConv, or one ConvInteger per 8-bit part of a split tensor
+    # (the decoders' transposed convolutions as polyphase convolutions); the transformer's linear layers
+    # (weight + bias) as MatMulInteger
     assert report.integer["ConvInteger"] >= 20 and report.integer["QLinearConv"] >= 8
-    assert not {"Conv", "FusedConv"} & set(report.float_compute)
+    assert report.integer["MatMulInteger"] >= 6
+    assert not {"Conv", "FusedConv", "ConvTranspose", "Gemm", "MatMul", "FusedMatMul"} & set(report.float_compute)
     assert report.integer["QLinearMatMul"] >= 2 and report.integer["QLinearAdd"] >= 10    # attention; sums
     runtime = OrtHTDemucs(exported.path)
     mix = music(seed=7)
@@ -108,7 +111,7 @@ def w8_files(tmp_path_factory):
 
 def test_integer_convolutions_of_8_bit_weight_codes_are_exact_on_every_cpu(w8_files, one_thread):
     """Full 8-bit weight codes can saturate a u8 x s8 pair on CPUs without VNNI: the portable file stores the
-    ConvInteger weights as uint8 (zero point 128), the same values, and still matches torch."""
+    ConvInteger and MatMulInteger weights as uint8 (zero point 128), the same values, and still matches torch."""
     import onnx
 
     from fqss_plugin.export.saturation import saturation_risks
@@ -116,11 +119,15 @@ def test_integer_convolutions_of_8_bit_weight_codes_are_exact_on_every_cpu(w8_fi
     paths, (spec, wave), reference = w8_files
     model = onnx.load(str(paths["portable"]))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    conv_integer = [n for n in model.graph.node if n.op_type == "ConvInteger"]
-    assert conv_integer and saturation_risks(model) == [] and saturation_risks(onnx.load(str(paths["vnni"])))
-    weights = [inits[n.input[1]] for n in conv_integer]
-    assert any(w.dtype == np.uint8 for w in weights) and all(w.dtype in (np.uint8, np.int8) for w in weights)
-    assert all(int(inits[n.input[3]]) == 128 for n in conv_integer if inits[n.input[1]].dtype == np.uint8)
+    integer_ops = [n for n in model.graph.node if n.op_type in ("ConvInteger", "MatMulInteger")]
+    assert saturation_risks(model) == [] and saturation_risks(onnx.load(str(paths["vnni"])))
+    weights = {n.op_type: [] for n in integer_ops}
+    for n in integer_ops:
+        weights[n.op_type].append(inits[n.input[1]])
+    assert set(weights) == {"ConvInteger", "MatMulInteger"}
+    assert all(any(w.dtype == np.uint8 for w in ws) for ws in weights.values())
+    assert all(w.dtype in (np.uint8, np.int8) for ws in weights.values() for w in ws)
+    assert all(int(inits[n.input[3]]) == 128 for n in integer_ops if inits[n.input[1]].dtype == np.uint8)
     outputs = OrtHTDemucs(paths["portable"]).session.run(None, {"spec": spec, "wave": wave})
     for out, ref in zip(outputs, reference):
         assert snr(out, ref) > 25

@@ -14,8 +14,9 @@ from torch import nn
 
 from ..atomic import atomic_path
 from . import passes, saturation
-from .integer_convs import integer_convs
+from .integer_kernels import integer_kernels
 from .recurrent import expand_lstm_recurrences
+from .transposed_convs import transposed_convs
 from .view import ExportError, export_view, quantizer_calls
 
 TAG = "fqss:"
@@ -154,7 +155,8 @@ def write_int8_model(onnx_model: onnx.ModelProto, path: Path, info: dict[str, st
     during the write leaves an earlier file whole). Returns what the passes changed."""
     changes = passes.deploy(onnx_model, integer_softmax=integer_softmax) if deploy else {}
     if deploy:
-        changes["integer_convs"] = integer_convs(onnx_model)
+        changes["transposed_convs"] = transposed_convs(onnx_model)
+        changes["integer_kernels"] = integer_kernels(onnx_model)
     int8_target, changes["uint8_weights"] = _portability(onnx_model, target, notes)
     onnx.helper.set_model_props(onnx_model, {**info, saturation.METADATA_KEY: int8_target})
     onnx_model.producer_name = "fqss"

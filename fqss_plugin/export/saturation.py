@@ -149,8 +149,8 @@ def uint8_weights(model: onnx.ModelProto, risks: list[SaturationRisk]) -> int:
                 if _int8_weight_codes(node.input[index], producers, inits) is None:
                     continue
                 dq = producers.get(node.input[index])
-                if dq is None and node.op_type == "ConvInteger":
-                    _uint8_conv_integer(node, inits, owners)
+                if dq is None and node.op_type in ("ConvInteger", "MatMulInteger"):
+                    _uint8_integer_op(node, inits, owners)
                     done.add(node.name or node.output[0])
                     continue
                 if dq is None:
@@ -175,8 +175,9 @@ def uint8_weights(model: onnx.ModelProto, risks: list[SaturationRisk]) -> int:
     return len(done)
 
 
-def _uint8_conv_integer(node: onnx.NodeProto, inits: dict, owners: dict) -> None:
-    """A ``ConvInteger`` on int8 codes reads them as uint8 (codes + 128) with the weight zero point 128."""
+def _uint8_integer_op(node: onnx.NodeProto, inits: dict, owners: dict) -> None:
+    """A ``ConvInteger``/``MatMulInteger`` on int8 codes reads them as uint8 (codes + 128) with the weight zero
+    point 128."""
     base = node.input[1]
     if base + "_u8" not in inits:
         codes = numpy_helper.to_array(inits[base])
