@@ -110,7 +110,8 @@ def test_export_is_a_compact_int8_model_that_onnxruntime_runs_in_integer(exporte
     assert report.integer["QLinearConv"] >= 12                                  # every masker conv
     assert report.integer["QLinearLeakyRelu"] == 7 and report.integer["QLinearSigmoid"] == 1
     assert report.integer["MatMulIntegerToFloat"] == 2                          # the decoder, per 8-bit input part
-    assert "PRelu" not in report.float_compute and "ConvTranspose" not in report.float_compute
+    assert report.integer["ConvInteger"] == 2                                   # the encoder, per input part
+    assert not {"PRelu", "ConvTranspose", "Conv", "MatMul"} & set(report.float_compute)
     assert exported.tagged_quantizers > 30 and exported.sample_rate == SR and exported.n_src == 2
 
 
@@ -181,8 +182,9 @@ def test_conv_decoder_variant_and_view_is_exact(trained, tmp_path):
         matmul = export_view(trained[1], decoder="matmul")(mix)
     assert float((matmul - reference).abs().max()) < 1e-3          # same products, other summation order
     result = to_onnx(trained[1], tmp_path / "conv.onnx", mix, decoder="conv")
-    report = ort_op_report(result.path)            # the transposed conv as a polyphase ConvInteger per input part
-    assert "ConvTranspose" not in report.float_compute and report.integer["ConvInteger"] == 2
+    report = ort_op_report(result.path)    # the transposed conv as a polyphase ConvInteger per input part,
+    assert not {"ConvTranspose", "Conv"} & set(report.float_compute)    # the encoder's as one per input part
+    assert report.integer["ConvInteger"] == 4
     assert parity_report(trained[1], result.path, mix).snr_db >= 40
 
 

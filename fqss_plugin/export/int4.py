@@ -9,8 +9,9 @@ dequantized values, and so the model's function, are unchanged:
 .. math::  \\hat w_{c,i} = s_c \\, w_{c,i}, \\qquad w_{c,i} \\in [-8, 7]\\ \\text{in int8 or in INT4 alike}.
 
 The cost is speed: onnxruntime's CPU integer kernels (QLinearConv, MatMulInteger) take 8-bit weights, so
-the convolutions and products behind an INT4 weight run in float after the dequantization. This is
-the file to ship where size matters more than latency.
+the convolutions and products behind an INT4 weight run in float after the dequantization (the integer kernels
+that the deploy passes wrote, ConvInteger/MatMulInteger, read their INT4 weight through a ``Cast`` to int8 and
+stay integer). This is the file to ship where size matters more than latency.
 """
 from __future__ import annotations
 
@@ -34,26 +35,39 @@ def _int4_tensor(name: str, codes: np.ndarray) -> TensorProto:
     return onnx.helper.make_tensor(name, TensorProto.INT4, codes.shape, pack_nibbles(codes), raw=True)
 
 
+INTEGER_KERNELS = ("ConvInteger", "MatMulInteger")
+"""Integer ops that read weight codes directly (input 1); they take 8-bit weights, so an INT4 weight reaches
+them through a ``Cast`` to int8 (onnxruntime folds it when the session loads)."""
+
+
 def pack_int4_weights(model: onnx.ModelProto) -> int:
-    """Store every int8 weight initializer whose codes fit ``[-8, 7]`` (read only by ``DequantizeLinear``, zero
-    point 0) as INT4 without a zero point, converting the model to opset 21 first when it is older. Returns how many were packed."""
-    def candidates(graph: onnx.GraphProto) -> list[tuple[onnx.NodeProto, np.ndarray]]:
+    """Store every int8 weight initializer whose codes fit ``[-8, 7]`` (read by ``DequantizeLinear`` with zero
+    point 0, or as the weight of an integer kernel without a weight zero point) as INT4 without a zero point,
+    converting the model to opset 21 first when it is older. Returns how many were packed."""
+    def candidates(graph: onnx.GraphProto) -> list[tuple[str, np.ndarray, list[onnx.NodeProto]]]:
         inits = {t.name: t for t in graph.initializer}
         readers: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:
             for name in node.input:
                 readers.setdefault(name, []).append(node)
+
+        def zero(node: onnx.NodeProto, index: int) -> bool:
+            name = node.input[index] if len(node.input) > index else ""
+            return not name or (name in inits and not numpy_helper.to_array(inits[name]).any())
+
+        def packable(node: onnx.NodeProto, name: str) -> bool:
+            if node.op_type == "DequantizeLinear":
+                return node.input[0] == name and zero(node, 2)
+            return node.op_type in INTEGER_KERNELS and list(node.input).index(name) == 1 and zero(node, 3)
+
         found = []
-        for node in graph.node:
-            if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+        for name, tensor in inits.items():
+            if tensor.data_type != TensorProto.INT8 or name not in readers:
                 continue
-            codes = numpy_helper.to_array(inits[node.input[0]])
-            zero = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits \
-                else np.zeros(1, np.int8)
-            if codes.dtype != np.int8 or codes.size < 2 or codes.min() < -8 or codes.max() > 7 or zero.any() \
-                    or any(r.op_type != "DequantizeLinear" for r in readers[node.input[0]]):
-                continue
-            found.append((node, codes))
+            codes = numpy_helper.to_array(tensor)
+            if codes.size >= 2 and codes.min() >= -8 and codes.max() <= 7 \
+                    and all(packable(r, name) for r in readers[name]):
+                found.append((name, codes, readers[name]))
         return found
 
     if not candidates(model.graph):
@@ -61,17 +75,23 @@ def pack_int4_weights(model: onnx.ModelProto) -> int:
     if next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < INT4_OPSET:
         converted = version_converter.convert_version(model, INT4_OPSET)
         model.CopyFrom(converted)
-    graph, packed = model.graph, set()
+    graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    for node, codes in candidates(graph):
-        if node.input[0] not in packed:
-            inits[node.input[0]].CopyFrom(_int4_tensor(node.input[0], codes))
-            packed.add(node.input[0])
-        del node.input[2:]                 # zero point 0 is the default (a shared int8 zero tensor stays int8)
+    found = candidates(graph)
+    for name, codes, readers in found:
+        for reader in readers:
+            if reader.op_type == "DequantizeLinear":
+                del reader.input[2:]       # zero point 0 is the default (a shared int8 zero tensor stays int8)
+        if all(r.op_type == "DequantizeLinear" for r in readers):
+            inits[name].CopyFrom(_int4_tensor(name, codes))
+            continue
+        graph.initializer.remove(inits[name])
+        graph.initializer.append(_int4_tensor(name + "_int4", codes))
+        graph.node.insert(0, onnx.helper.make_node("Cast", [name + "_int4"], [name], to=TensorProto.INT8))
     used = {name for node in graph.node for name in node.input}
     for tensor in [t for t in graph.initializer if t.name not in used]:
         graph.initializer.remove(tensor)
-    return len(packed)
+    return len(found)
 
 
 def write_int4_file(source, path) -> dict:

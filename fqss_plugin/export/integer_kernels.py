@@ -12,7 +12,8 @@ onnxruntime then dequantizes and computes in float. By linearity, with ``s_k, z_
 .. math::  \mathrm{op}(x; W) + b = \sum_k \big(g_k\, s_k\, s_{w,c}\big)\,
            \mathrm{op_{int}}(q_k - z_k;\ W_q)_c + b_c
 
-one integer kernel per part (``ConvInteger`` or ``MatMulInteger``: uint8 x int8, int32 accumulation), then
+one integer kernel per part (``ConvInteger`` or ``MatMulInteger``: uint8 x int8, int32 accumulation; int8
+activation codes are made uint8 first, the same values), then
 a per-channel float scale, as an integer engine computes it. :func:`integer_kernels` rewrites every such Conv, MatMul
 (constant weight ``B``) and Gemm (``alpha = beta = 1``, no ``transA``); the parts may reach it through
 Reshape/Transpose/Squeeze/Unsqueeze. Ops that onnxruntime fuses already are left alone; so is a MatMul of
@@ -126,7 +127,9 @@ def _terms(graph: Graph, node: onnx.NodeProto | None, gain: float) -> list[tuple
     if node.op_type == "DequantizeLinear":
         scale, zero = graph.const(node.input[1]), graph.const(node.input[2]) if len(node.input) > 2 else None
         codes_are_activations = node.input[0] not in graph.init and graph.const(node.input[0]) is None
-        if not codes_are_activations or scale is None or scale.size != 1 or zero is None or zero.dtype != np.uint8:
+        if not codes_are_activations or scale is None or scale.size != 1 or zero is None:
+            return None
+        if zero.dtype != np.uint8 and not (zero.dtype == np.int8 and _signed_codes_can_move(graph, node)):
             return None
         return [(gain, node)]
     if node.op_type == "Add":
@@ -140,6 +143,29 @@ def _terms(graph: Graph, node: onnx.NodeProto | None, gain: float) -> list[tuple
     return None
 
 
+def _signed_codes_can_move(graph: Graph, dq: onnx.NodeProto) -> bool:
+    """Whether the int8 codes ``dq`` reads come from a QuantizeLinear read by DequantizeLinears only."""
+    q = graph.producer.get(dq.input[0])
+    return (q is not None and q.op_type == "QuantizeLinear" and dq.input[0] not in graph.outputs
+            and all(c.op_type == "DequantizeLinear" for c in graph.consumers.get(dq.input[0], [])))
+
+
+def _as_uint8(graph: Graph, dq: onnx.NodeProto) -> None:
+    """Make the int8 codes that ``dq`` reads uint8, the same values: the QuantizeLinear and its
+    DequantizeLinears take the zero point ``z + 128`` as uint8 (``clamp(round(x/s) + z, -128, 127) + 128 =
+    clamp(round(x/s) + z + 128, 0, 255)``). The kernels read uint8 activations."""
+    zero = graph.const(dq.input[2])
+    if zero.dtype == np.uint8:
+        return
+    codes = dq.input[0]
+    unsigned = graph.add_init((zero.astype(np.int16) + 128).astype(np.uint8), codes + "_uint8_zero")
+    for node in [graph.producer[codes], *graph.consumers[codes]]:
+        node.input[2] = unsigned
+    kept = [v for v in graph.g.value_info if v.name != codes]    # its recorded type was int8
+    del graph.g.value_info[:]
+    graph.g.value_info.extend(kept)
+
+
 def _rewrite(graph: Graph, node: onnx.NodeProto, weight: Weight, moves: list[onnx.NodeProto],
              parts: list[tuple[float, onnx.NodeProto]]) -> None:
     integer_op = INTEGER_OP[node.op_type]
@@ -147,6 +173,7 @@ def _rewrite(graph: Graph, node: onnx.NodeProto, weight: Weight, moves: list[onn
     out = node.output[0]
     new, terms = [], []
     for k, (gain, dq) in enumerate(parts):
+        _as_uint8(graph, dq)
         codes = dq.input[0]
         for move in moves:                             # the same moves on the uint8 codes
             moved = graph.unique(f"{out}_part{k}_{move.op_type}")

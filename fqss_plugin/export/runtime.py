@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from .chunks import separate_in_chunks
 from .passes import _all_nodes
@@ -240,8 +240,10 @@ def snr_db(estimate: np.ndarray, reference: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(np.asarray(reference, np.float64) ** 2)) / noise)
 
 
-def with_quantizer_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """A copy of ``model`` whose tagged activation QuantizeLinear outputs are graph outputs too."""
+def with_quantizer_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, tuple[str, int]]]:
+    """A copy of ``model`` whose tagged activation QuantizeLinear outputs are graph outputs too, and for each
+    such tensor the quantizer's name and the node's zero point (codes minus it are the quantized integers,
+    whether the file stores them as int8 or, for an integer kernel, as uint8)."""
     from .export import TAG
     tapped = onnx.ModelProto()
     tapped.CopyFrom(model)
@@ -252,7 +254,8 @@ def with_quantizer_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dic
             zero_point = inits.get(node.input[2]) if len(node.input) > 2 else None
             elem = zero_point.data_type if zero_point is not None else onnx.TensorProto.UINT8
             tapped.graph.output.append(helper.make_tensor_value_info(node.output[0], elem, None))
-            names[node.output[0]] = node.name[len(TAG):]
+            zero = int(numpy_helper.to_array(zero_point).reshape(-1)[0]) if zero_point is not None else 0
+            names[node.output[0]] = (node.name[len(TAG):], zero)
     return tapped, names
 
 
@@ -275,9 +278,11 @@ def parity_report(model: torch.nn.Module, path: str | Path, mixture: torch.Tenso
     output_names = [o.name for o in session.get_outputs()]
     results = dict(zip(output_names, session.run(None, {session.get_inputs()[0].name: mixture.numpy()})))
     estimate = results[output_names[0]]
-    ort_codes = {name: torch.from_numpy(results[tensor].astype(np.int64)) for tensor, name in names.items()}
+    free_by_name = {c.name: c for c in calls}
+    ort_codes = {name: torch.from_numpy(results[tensor].astype(np.int64) - zero + free_by_name[name].zero_point)
+                 for tensor, (name, zero) in names.items() if name in free_by_name}    # in torch's zero point
     forced, _ = quantizer_calls(view, mixture, keep_outputs=True, force=ort_codes)
-    free_by_name, forced_by_name = {c.name: c for c in calls}, {c.name: c for c in forced}
+    forced_by_name = {c.name: c for c in forced}
     rows = []
     for name, codes in ort_codes.items():
         if name not in free_by_name or name not in forced_by_name:
