@@ -10,13 +10,21 @@ float teacher), ``fqss_plugin.export.to_onnx`` writes the int8 file; then on the
   file in onnxruntime;
 * bytes: the float teacher's fp32 weights and the int8 file.
 
+``--hub``: speed and size only (no quality) of a hub-size HTDemucs, where the convolutions' work dominates, unlike
+the toy recipe models: Demucs 4.1's ``HTDemucs`` at its constructor defaults (channels 48, depth 4, nfft 4096, five
+cross-domain transformer layers), seeded random weights, prepared with the recipe's ``conf/fqss.yaml`` and
+calibrated on the toy MUSDB18-HQ training tracks; speed and size do not depend on the weights' values. Parity is
+the SNR of the int8 network's two outputs against the frozen torch network on one segment.
+
     python benchmarks/music_int8.py \\
         --model HTDemucs=exp/music_table/HTDemucs/fqss/best.th:recipes/MUSDB18/HTDemucs/pretrained/embedded_float/best.th \\
         --model ConvTasNet=exp/music_table/ConvTasNet/fqss/best_model.pth:recipes/MUSDB18/ConvTasNet/pretrained/embedded_float/best_model.pth
+    python benchmarks/music_int8.py --hub
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -88,13 +96,93 @@ def measure(recipe: str, quantized_path: Path, float_path: Path, musdb: Path, ou
             "notes": result.notes}
 
 
+def hub_size(musdb: Path, out: Path, calib_batches: int, write: bool) -> int:
+    """Speed, size and parity of a hub-size HTDemucs (module docstring, ``--hub``)."""
+    import musdb as musdb_lib
+    from demucs.htdemucs import HTDemucs
+
+    import fqss_plugin as fq
+    from fqss_plugin.demucs import prepare_model
+    from fqss_plugin.demucs.recipe import load_conf, quant_config, separator
+    from fqss_plugin.export import ort_op_report, to_onnx
+    from fqss_plugin.export.runtime import open_separator, snr_db
+    from fqss_plugin.export.view import WaveformSeparator
+
+    torch.manual_seed(0)
+    teacher = HTDemucs(sources=list(SOURCES)).eval()
+    segment = int(teacher.segment * teacher.samplerate)
+    train = musdb_lib.DB(root=str(musdb), is_wav=True, subsets="train")
+    batches = [torch.from_numpy(track.audio.T.astype(np.float32))[None, :, :segment] for track in train][:calib_batches]
+    if not batches or batches[0].shape[-1] < segment:
+        raise SystemExit(f"--hub: needs {calib_batches} training tracks of at least {teacher.segment} s in {musdb}")
+    config = quant_config(load_conf([str(REPO / "recipes" / "MUSDB18" / "HTDemucs" / "conf" / "fqss.yaml"),
+                                     f"quant.calib_steps={calib_batches}"]))
+    quantized = prepare_model(copy.deepcopy(teacher), config).train()
+    with torch.no_grad():
+        for batch in batches:
+            quantized(batch)
+            fq.calibration_step(quantized)
+    quantized.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = to_onnx(quantized, out / "HTDemucs_hub.onnx")
+    export_seconds = time.perf_counter() - started
+    report = ort_op_report(result.path)
+    runtime = open_separator(result.path, threads=1, chunk_seconds=30.0)
+    frozen = WaveformSeparator.frozen(quantized).model
+    with torch.no_grad():
+        _, _, spec, wave, _, _ = frozen.analyse(batches[0])
+        reference = frozen.network(spec, wave)
+    outputs = runtime.session.run(None, {"spec": spec.numpy(), "wave": wave.numpy()})
+    parity = [snr_db(o, r.numpy()) for o, r in zip(outputs, reference)]
+    track = musdb_lib.DB(root=str(musdb), is_wav=True, subsets="test")[0]
+    mixture = track.audio.astype(np.float32)
+
+    def int8(mixture, rate):
+        return runtime.separate(mixture.T)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        timing = {"float": seconds(separator(teacher, shifts=0), mixture, track.rate), "int8": seconds(int8, mixture, track.rate)}
+    finally:
+        torch.set_num_threads(threads)
+    row = {"parameters": sum(p.numel() for p in teacher.parameters()), "seconds": timing,
+           "track_seconds": len(mixture) / track.rate, "parity_snr_db": parity, "export_seconds": export_seconds,
+           "bytes": {"float_fp32": sum(p.numel() * 4 for p in teacher.parameters()), "int8_onnx": result.bytes},
+           "integer_ops": dict(report.integer), "float_ops": dict(report.float_compute)}
+    (out / "music_int8_hub.json").write_text(json.dumps(row, indent=1))
+    integer = ", ".join(f"{op} x{n}" for op, n in report.integer.most_common())
+    heavy = {"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm"}
+    floats = ", ".join(f"{op} x{n}" for op, n in report.float_compute.most_common() if op in heavy) or "none"
+    body = (f"Command: `{command_line()}`\n\nCPU: {describe_cpu()}\n\nDemucs 4.1's `HTDemucs` at its constructor "
+            f"defaults ({row['parameters'] / 1e6:.1f} M parameters; seeded random weights: no quality figure), "
+            f"prepared with `recipes/MUSDB18/HTDemucs/conf/fqss.yaml` and calibrated on {len(batches)} segments of "
+            f"the toy training tracks. Seconds to separate the first toy test track ({row['track_seconds']:.0f} s, "
+            "stereo, 44.1 kHz, `apply_model` segments with overlap 0.25, shifts 0) with one thread, the best of two "
+            "runs.\n\n| | fp32 torch | int8 ONNX (onnxruntime) |\n|---|---|---|\n"
+            f"| seconds | {timing['float']:.2f} | {timing['int8']:.2f} |\n"
+            f"| weights / file | {row['bytes']['float_fp32'] / 1e6:.1f} MB | {result.bytes / 1e6:.1f} MB |\n\n"
+            f"Parity of the int8 network against the frozen torch network (one segment): spectrogram branch "
+            f"{parity[0]:.1f} dB, waveform branch {parity[1]:.1f} dB SNR. Integer kernels: {integer}. Convolutions "
+            f"and matrix products left in float: {floats}. Export took {export_seconds:.0f} s.")
+    publish("Int8 music models: hub-size HTDemucs (speed and size)", body, write=write)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", required=True, metavar="RECIPE=FQSS_PACKAGE:FLOAT_PACKAGE")
+    parser.add_argument("--model", action="append", metavar="RECIPE=FQSS_PACKAGE:FLOAT_PACKAGE")
+    parser.add_argument("--hub", action="store_true", help="speed and size of a hub-size HTDemucs (no quality)")
+    parser.add_argument("--calib-batches", type=int, default=4, help="--hub: calibration segments")
     parser.add_argument("--musdb", type=Path, default=REPO / "data" / "musdb18hq")
     parser.add_argument("--out", type=Path, default=REPO / "exp" / "music_int8")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
+    if args.hub:
+        return hub_size(args.musdb.resolve(), args.out, args.calib_batches, write=not args.no_write)
+    if not args.model:
+        parser.error("give --model RECIPE=FQSS_PACKAGE:FLOAT_PACKAGE (repeatable) or --hub")
     results = []
     for text in args.model:
         recipe, _, paths = text.partition("=")
