@@ -205,8 +205,10 @@ def si_sdr_improvements(separate, test_set) -> list[float]:
     return gains
 
 
-def profile_by_op(path: Path, mixture: np.ndarray, runs: int = 10) -> dict[str, float]:
-    """ms per run spent in each onnxruntime op type (profiler, 1 thread), largest first."""
+def profile_by_op(path: Path, mixture: np.ndarray | dict[str, np.ndarray], runs: int = 10) -> dict[str, float]:
+    """ms per run spent in each onnxruntime op type (profiler, 1 thread), largest first; ``mixture`` is the
+    graph's ``mixture`` input, or all its inputs by name."""
+    feeds = mixture if isinstance(mixture, dict) else {"mixture": mixture}
     import onnxruntime as ort
     from fqss_plugin.export.runtime import session_options
     with tempfile.TemporaryDirectory() as tmp:
@@ -215,7 +217,7 @@ def profile_by_op(path: Path, mixture: np.ndarray, runs: int = 10) -> dict[str, 
         options.profile_file_prefix = str(Path(tmp) / "profile")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         for _ in range(runs + 2):
-            session.run(None, {"mixture": mixture})
+            session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
     by_op: dict[str, float] = {}
     for event in events:

@@ -147,11 +147,16 @@ def hub_size(musdb: Path, out: Path, calib_batches: int, write: bool) -> int:
         timing = {"float": seconds(separator(teacher, shifts=0), mixture, track.rate), "int8": seconds(int8, mixture, track.rate)}
     finally:
         torch.set_num_threads(threads)
+    from benchmarks.int8_runtime import profile_by_op, profile_shares
+    by_op = profile_by_op(result.path, {"spec": spec.numpy(), "wave": wave.numpy()}, runs=1)
+    shares = profile_shares(by_op)
     row = {"parameters": sum(p.numel() for p in teacher.parameters()), "seconds": timing,
+           "profile_ms": by_op, "profile_shares_ms": shares,
            "track_seconds": len(mixture) / track.rate, "parity_snr_db": parity, "export_seconds": export_seconds,
            "bytes": {"float_fp32": sum(p.numel() * 4 for p in teacher.parameters()), "int8_onnx": result.bytes},
            "integer_ops": dict(report.integer), "float_ops": dict(report.float_compute)}
     (out / "music_int8_hub.json").write_text(json.dumps(row, indent=1))
+    total = sum(by_op.values())
     integer = ", ".join(f"{op} x{n}" for op, n in report.integer.most_common())
     heavy = {"Conv", "ConvTranspose", "MatMul", "Gemm", "FusedConv", "FusedMatMul", "FusedGemm"}
     floats = ", ".join(f"{op} x{n}" for op, n in report.float_compute.most_common() if op in heavy) or "none"
@@ -165,7 +170,10 @@ def hub_size(musdb: Path, out: Path, calib_batches: int, write: bool) -> int:
             f"| weights / file | {row['bytes']['float_fp32'] / 1e6:.1f} MB | {result.bytes / 1e6:.1f} MB |\n\n"
             f"Parity of the int8 network against the frozen torch network (one segment): spectrogram branch "
             f"{parity[0]:.1f} dB, waveform branch {parity[1]:.1f} dB SNR. Integer kernels: {integer}. Convolutions "
-            f"and matrix products left in float: {floats}. Export took {export_seconds:.0f} s.")
+            f"and matrix products left in float: {floats}. Export took {export_seconds:.0f} s.\n\n"
+            f"onnxruntime profile of the network on one segment (one thread): {total / 1e3:.1f} s; by kind: "
+            + ", ".join(f"{kind} {100 * ms / total:.0f} %" for kind, ms in shares.items()) + "; largest op types: "
+            + ", ".join(f"{op} {100 * ms / total:.0f} %" for op, ms in list(by_op.items())[:6]) + ".")
     publish("Int8 music models: hub-size HTDemucs (speed and size)", body, write=write)
     return 0
 

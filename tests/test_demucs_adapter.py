@@ -18,11 +18,12 @@ SOURCES = ["drums", "bass", "other", "vocals"]
 FREQUENCY_BRANCH = {"encoder": 2, "decoder": 2}         # the recipe's FQSS conf
 
 
-def tiny_htdemucs(seed: int = 0) -> HTDemucs:
-    """Depth 2, 4 channels, one cross-transformer layer, norms from the first layer, 8 kHz."""
+def tiny_htdemucs(seed: int = 0, **overrides) -> HTDemucs:
+    """Depth 2, 4 channels, one cross-transformer layer, norms from the first layer, 8 kHz (``overrides``:
+    other HTDemucs arguments)."""
     torch.manual_seed(seed)
-    return HTDemucs(sources=SOURCES, channels=4, depth=2, nfft=256, t_layers=1, t_heads=2, segment=1,
-                    samplerate=8000, dconv_comp=2, norm_starts=1)
+    return HTDemucs(**{"sources": SOURCES, "channels": 4, "depth": 2, "nfft": 256, "t_layers": 1, "t_heads": 2,
+                       "segment": 1, "samplerate": 8000, "dconv_comp": 2, "norm_starts": 1, **overrides})
 
 
 def music(batch: int = 1, seconds: float = 1.0, seed: int = 0) -> torch.Tensor:

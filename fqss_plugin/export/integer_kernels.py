@@ -65,8 +65,8 @@ def integer_kernels(model: onnx.ModelProto) -> int:
 
 def _fused_by_onnxruntime(graph: Graph, node: onnx.NodeProto) -> bool:
     """Whether onnxruntime runs the op in integer itself: ``DQ -> Conv -> Q`` (QLinearConv), ``DQ -> MatMul -> Q``
-    (QLinearMatMul), or ``DQ -> MatMul`` without a bias ``Add`` (MatMulIntegerToFloat; with one, onnxruntime
-    first fuses MatMul + Add into a float Gemm). A Gemm never: onnxruntime's QGemm needs an int32 bias."""
+    (QLinearMatMul), or ``DQ -> MatMul`` that no ``Add`` reads (MatMulIntegerToFloat; with a bias Add,
+    onnxruntime first fuses MatMul + Add into a float Gemm). A Gemm never: onnxruntime's QGemm needs an int32 bias."""
     source = graph.producer.get(node.input[0])
     if node.op_type == "Gemm" or source is None or source.op_type != "DequantizeLinear":
         return False
@@ -75,8 +75,8 @@ def _fused_by_onnxruntime(graph: Graph, node: onnx.NodeProto) -> bool:
                  and node.output[0] not in graph.outputs)
     if node.op_type == "Conv":
         return quantized
-    bias = any(c.op_type == "Add" and any(graph.const(i) is not None for i in c.input) for c in consumers)
-    return quantized or not bias
+    added = any(c.op_type == "Add" for c in consumers)     # a bias, constant or not yet folded (a Slice of one)
+    return quantized or not added
 
 
 def _weight(graph: Graph, node: onnx.NodeProto) -> Weight | None:

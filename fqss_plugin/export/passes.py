@@ -10,7 +10,7 @@ what onnxruntime does itself:
   torch's own fake-quant kernel, so the integers are the ones the torch model used);
 * :func:`fold_constant_reshapes` -- ``DQ(int8 constant) -> Reshape(constant shape)`` becomes a
   DQ of the reshaped constant (per-tensor when all channel steps are equal);
-* :func:`fold_constant_transposes` -- ``DQ(int8 constant) -> Transpose/Split`` becomes DQs of the moved codes
+* :func:`fold_constant_transposes` -- ``DQ(int8 constant) -> Transpose/Split/Slice`` becomes DQs of the moved codes
   (``F.linear``'s transposed weight, an attention's q/k/v split), so that the MatMul sees the DQ;
 * :func:`quantize_biases` -- a Conv/MatMul-feeding bias becomes int32 with step ``s_x·s_w``
   behind a DQ (the rounding integer kernels apply to a float bias anyway);
@@ -213,10 +213,11 @@ def _replace_by_dqs(graph: Graph, node: onnx.NodeProto, parts: list[tuple]) -> N
 
 
 def fold_constant_transposes(model: onnx.ModelProto) -> int:
-    """``DQ(constant codes) -> Transpose`` and ``-> Split`` (constant sizes) -> DQs of the moved codes.
+    """``DQ(constant codes) -> Transpose``, ``-> Split`` (constant sizes) and ``-> Slice`` (constant bounds, unit
+    steps) -> DQs of the moved codes.
 
     ``F.linear`` exports as ``MatMul(x, Transpose(W))`` and an attention's separate q/k/v projections as a
-    Split of the joint weight first: with the DQ behind them, onnxruntime keeps those matmuls in float. The
+    Split of the joint weight first (a cross-attention's as Slices of it): with the DQ behind them, onnxruntime keeps those matmuls in float. The
     per-channel steps follow their axis (``perm.index(axis)``; split with the codes along it). Exact.
     """
     graph, folded = Graph(model), 0
@@ -224,7 +225,7 @@ def fold_constant_transposes(model: onnx.ModelProto) -> int:
     while changed:
         changed = False
         for node in list(graph.g.node):
-            if node.op_type not in ("Transpose", "Split"):
+            if node.op_type not in ("Transpose", "Split", "Slice"):
                 continue
             found = _dq_of_const(graph, node.input[0])
             if found is None:
@@ -235,6 +236,12 @@ def fold_constant_transposes(model: onnx.ModelProto) -> int:
             if node.op_type == "Transpose":
                 perm = list(_attr(node, "perm", list(range(codes.ndim))[::-1]))
                 parts = [(codes.transpose(perm), scale, zero_point, perm.index(axis))]
+            elif node.op_type == "Slice":
+                index = _constant_slice(graph, node, codes.ndim)
+                if index is None:
+                    continue
+                keep = index[axis] if per_channel else slice(None)
+                parts = [(codes[index], scale[keep], zero_point[keep] if zero_point.size > 1 else zero_point, axis)]
             else:
                 split_axis = _attr(node, "axis", 0) % codes.ndim
                 sizes = graph.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
@@ -252,6 +259,23 @@ def fold_constant_transposes(model: onnx.ModelProto) -> int:
             folded += 1
             changed = True
     return folded
+
+
+def _constant_slice(graph: Graph, node: onnx.NodeProto, ndim: int) -> tuple[slice, ...] | None:
+    """A Slice with constant starts/ends/axes and unit steps as a numpy index (ONNX clamps as Python does)."""
+    names = list(node.input[1:5]) + [""] * (5 - len(node.input))
+    values = [graph.const(name) if name else None for name in names]
+    if values[0] is None or values[1] is None or any(name and value is None for name, value in zip(names, values)):
+        return None
+    starts, ends = values[0].reshape(-1), values[1].reshape(-1)
+    axes = values[2].reshape(-1) if values[2] is not None else np.arange(len(starts))
+    steps = values[3].reshape(-1) if values[3] is not None else np.ones(len(starts), np.int64)
+    if np.any(steps != 1):
+        return None
+    index = [slice(None)] * ndim
+    for start, end, axis in zip(starts, ends, axes):
+        index[int(axis) % ndim] = slice(int(start), int(end))
+    return tuple(index)
 
 
 def quantize_biases(model: onnx.ModelProto) -> int:
